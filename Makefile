@@ -1,0 +1,41 @@
+# One-command setup: `make demo` and `make test` create .venv if missing and install into it.
+# On a machine without CUDA, torch is pinned to the CPU wheel (torch==2.13.0) so pip never
+# pulls the multi-GB CUDA build. With CUDA, `make install CUDA=1` installs torch from the
+# default index and the flash-attn extra (see README).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+ifdef CUDA
+	$(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[dev,cuda]"
+else
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e ".[dev]" $(TORCH_CPU)
+endif
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m sora.cli.demo
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench_data.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
