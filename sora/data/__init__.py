@@ -1,0 +1,1 @@
+"""Data: shards, streaming pipeline, buckets, the bouncing-ball world."""
