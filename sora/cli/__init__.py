@@ -1,0 +1,1 @@
+"""Thin entry points: the only place that reads Hydra configs and instantiates."""

@@ -1,0 +1,305 @@
+"""Streaming clip pipeline: shards (or the procedural world) -> ``ClipBatch``es, resumable exactly.
+
+Each stream is an ``IterableDataset`` run inside DataLoader workers. For every (epoch, global
+worker) it first makes a *plan*: which undecoded samples form which batch. The plan depends
+only on the seed, the epoch, the shard list and the metadata in each sample's json (the
+shuffle buffer and the aspect-ratio buckets work on undecoded bytes), never on decoding. Then
+it decodes each planned batch (random clip start and crop from a per-sample RNG keyed by seed,
+epoch and sample key) and yields it.
+
+So a worker's position is two integers, ``(epoch, batches yielded in that epoch)``: that is
+its ``state_dict``. Restored (through torchdata's ``StatefulDataLoader``, which snapshots every
+worker's state with each batch), a worker replays the plan without decoding up to that batch
+and continues with the exact next sample. A sample that fails to decode is dropped from its
+batch, named in a warning and counted (``ClipBatch.skipped``); the run goes on.
+
+Splitting: shards are dealt out over ``world_size * num_workers`` global workers; when there
+are fewer shards than workers every worker reads every shard and keeps every n-th sample.
+Streams are infinite (epochs reshuffle) unless ``infinite=False``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from sora.data.buckets import Bucket, cover_size, crop, make_buckets, nearest_bucket
+from sora.media import probe_av, read_av
+from sora.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m4v")
+
+
+@dataclass
+class ClipBatch:
+    """A batch of clips on the timing contract's axis (all clips of one batch share a size)."""
+
+    video: torch.Tensor        # float [B, 3, T, H, W] in [-1, 1]
+    audio: torch.Tensor        # float [B, channels, N]
+    audio_mask: torch.Tensor   # bool [B, N]: True where the source had sound
+    has_audio: torch.Tensor    # bool [B]
+    captions: list[str]
+    keys: list[str]
+    start: torch.Tensor        # float64 [B]: clip start in its source, seconds
+    fps: float
+    sample_rate: int
+    meta: list[dict] = field(default_factory=list)  # per clip: the shard's json (world ground truth...)
+    skipped: int = 0           # planned samples of this batch that failed to decode
+    loader_step: int = 0       # set by the datamodule's loader: which yielded batch this is
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class Sample:
+    key: str
+    frames: np.ndarray         # uint8 [T, H, W, 3]
+    audio: np.ndarray          # float32 [channels, N]
+    audio_mask: np.ndarray     # bool [N]
+    has_audio: bool
+    caption: str
+    start: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+
+def collate(samples: list[Sample], fps: float, sample_rate: int, skipped: int = 0) -> ClipBatch:
+    video = torch.from_numpy(np.stack([s.frames for s in samples])).permute(0, 4, 1, 2, 3)
+    return ClipBatch(
+        video=video.float().div_(127.5).sub_(1.0),
+        audio=torch.from_numpy(np.stack([s.audio for s in samples])),
+        audio_mask=torch.from_numpy(np.stack([s.audio_mask for s in samples])),
+        has_audio=torch.tensor([s.has_audio for s in samples]),
+        captions=[s.caption for s in samples], keys=[s.key for s in samples],
+        start=torch.tensor([s.start for s in samples], dtype=torch.float64),
+        fps=fps, sample_rate=sample_rate, meta=[s.meta for s in samples], skipped=skipped)
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(":".join(map(str, parts)).encode())
+
+
+class ClipStream(IterableDataset, ABC):
+    """Base of the streams: splitting, epochs, bucketed batching, decode, exact resume."""
+
+    def __init__(self, timeline: Timeline, batch_size: int, size: tuple[int, int] | None = None,
+                 buckets: dict | None = None, seed: int = 0, shuffle: bool = True, infinite: bool = True,
+                 channels: int = 1, random_crop: bool = True):
+        if (size is None) == (buckets is None):
+            raise ValueError("data: give exactly one of size=[H, W] or buckets={area, ratios, multiple}")
+        self.timeline, self.batch_size, self.seed = timeline, int(batch_size), int(seed)
+        self.buckets = [Bucket(*map(int, size))] if size is not None else make_buckets(**buckets)
+        self.shuffle, self.infinite, self.channels, self.random_crop = shuffle, infinite, channels, random_crop
+        self.rank, self.world_size = None, None   # set by the datamodule; else torch.distributed
+        self._epoch, self._batches, self._skipped = 0, 0, 0
+
+    # -- resume state (one per worker; torchdata's StatefulDataLoader collects them) --------
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._batches, "skipped": self._skipped, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            log.warning("data: resuming a stream saved with seed %s under seed %s", state["seed"], self.seed)
+        self._epoch, self._batches, self._skipped = state["epoch"], state["batches"], state.get("skipped", 0)
+
+    # -- what subclasses provide -------------------------------------------------------------
+    @abstractmethod
+    def items(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[dict, int]]:
+        """Undecoded items of this worker's share of an epoch, in order, with their bucket."""
+
+    @abstractmethod
+    def decode(self, item: dict, bucket: Bucket, rng: np.random.Generator) -> Sample:
+        """One planned item to a Sample of the bucket's size on the timeline; raise if unusable."""
+
+    # -- the machinery -------------------------------------------------------------------------
+    def _global_worker(self) -> tuple[int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * nw + wid, world * nw
+
+    def plan(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[int, list[dict]]]:
+        """Batches of undecoded items: a batch is emitted when its bucket fills up."""
+        pending: dict[int, list[dict]] = {}
+        for item, b in self.items(epoch, worker, num_workers):
+            pending.setdefault(b, []).append(item)
+            if len(pending[b]) == self.batch_size:
+                yield b, pending.pop(b)
+        if not self.infinite:  # the last partial batches of a finite pass
+            yield from sorted(pending.items())
+
+    def __iter__(self) -> Iterator[ClipBatch]:
+        worker, num_workers = self._global_worker()
+        epoch, done = self._epoch, self._batches
+        while True:
+            for index, (b, items) in enumerate(self.plan(epoch, worker, num_workers)):
+                if index < done:
+                    continue  # replaying the plan up to the restored position: nothing decoded
+                samples = []
+                for item in items:
+                    rng = np.random.default_rng(_seed(self.seed, epoch, item["__key__"]))
+                    try:
+                        samples.append(self.decode(item, self.buckets[b], rng))
+                    except Exception as e:  # noqa: BLE001 - any bad sample is skipped, named and counted
+                        self._skipped += 1
+                        log.warning("data: skipped %s (%s): %s", item["__key__"], item.get("__url__", "world"),
+                                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self._epoch, self._batches = epoch, index + 1
+                if samples:
+                    yield collate(samples, float(self.timeline.fps_q), self.timeline.sample_rate,
+                                  skipped=len(items) - len(samples))
+            if not self.infinite:
+                return
+            epoch, done = epoch + 1, 0
+            self._epoch, self._batches = epoch, 0
+
+    def _fit_audio(self, audio: np.ndarray, mask: np.ndarray):
+        n = self.timeline.num_samples
+        audio, mask = audio[:, :n], mask[:n]
+        if audio.shape[0] != self.channels:
+            audio = np.repeat(audio.mean(0, keepdims=True), self.channels, 0)
+        if audio.shape[1] < n:
+            pad = n - audio.shape[1]
+            audio, mask = np.pad(audio, ((0, 0), (0, pad))), np.pad(mask, (0, pad))
+        return np.ascontiguousarray(audio, dtype=np.float32), mask
+
+
+class ShardClipStream(ClipStream):
+    """Clips from webdataset shards written by ``tools/make_shards.py`` (or any with a video member).
+
+    ``urls``: anything webdataset opens (a path, a brace pattern ``shards-{000..009}.tar``,
+    ``::``-joined lists, ``pipe:`` commands), a glob, or a list of those.
+    """
+
+    def __init__(self, urls, timeline: Timeline, batch_size: int, shuffle_buffer: int = 64, **kw):
+        super().__init__(timeline, batch_size, **kw)
+        self.urls = expand_shards(urls)
+        self.shuffle_buffer = shuffle_buffer
+
+    def items(self, epoch, worker, num_workers):
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(_seed(self.seed, epoch)).shuffle(urls)
+        every = 1
+        if len(urls) >= num_workers:
+            urls = urls[worker::num_workers]
+        else:  # fewer shards than workers: everybody reads all, keeps every n-th sample
+            every = num_workers
+        stream = wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=self._shard_error)
+        stream = (s for i, s in enumerate(stream) if i % every == worker % every)
+        if self.shuffle:
+            stream = wds.filters._shuffle(stream, self.shuffle_buffer, self.shuffle_buffer,
+                                          rng=random.Random(_seed(self.seed, epoch, worker)))
+        for sample in stream:
+            yield sample, self._bucket_of(sample)
+
+    def _shard_error(self, exn: Exception) -> bool:
+        self._skipped += 1
+        log.warning("data: shard error, skipped: %s", exn)
+        return True
+
+    def _bucket_of(self, sample: dict) -> int:
+        if len(self.buckets) == 1:
+            return 0
+        try:
+            meta = json.loads(sample["json"])
+            h, w = int(meta["height"]), int(meta["width"])
+        except Exception:  # noqa: BLE001 - no usable json: read the container header
+            info = probe_av(_video_bytes(sample))
+            h, w = info.height, info.width
+        return nearest_bucket(h, w, self.buckets)
+
+    def decode(self, item, bucket, rng):
+        data = _video_bytes(item)
+        try:
+            meta = json.loads(item["json"]) if "json" in item else {}
+        except ValueError:
+            meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
+        info = probe_av(data)
+        tl = self.timeline
+        room = info.duration - tl.read_duration
+        if room < -1e-6:
+            raise ValueError(f"clip is {info.duration:.3f} s, shorter than the {tl.read_duration:.3f} s needed")
+        start = float(rng.uniform(0, room)) if (self.random_crop and room > 0) else 0.0
+        clip = read_av(data, start=start, duration=tl.read_duration, fps=float(tl.fps_q),
+                       size=cover_size(info.height, info.width, bucket), sample_rate=tl.sample_rate,
+                       channels=self.channels)
+        if len(clip.frames) < tl.num_frames:
+            raise ValueError(f"decoded {len(clip.frames)} frames of the {tl.num_frames} needed")
+        frames = crop(clip.frames[:tl.num_frames], bucket, rng if self.random_crop else None)
+        audio, mask = self._fit_audio(clip.audio, clip.audio_mask)
+        caption = meta.get("caption", "")
+        if "txt" in item:
+            caption = item["txt"].decode("utf-8", "replace")
+        return Sample(item["__key__"], np.ascontiguousarray(frames), audio, mask, info.has_audio,
+                      str(caption or ""), start, meta)
+
+
+def _video_bytes(sample: dict) -> bytes:
+    for ext in VIDEO_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"no video member (one of {', '.join(VIDEO_EXTS)}) in sample, only {sorted(sample)}")
+
+
+def expand_shards(urls) -> list[str]:
+    """Shard URLs from a string, a brace pattern, a glob or a list; error if none."""
+    out = []
+    for u in [urls] if isinstance(urls, str) else list(urls):
+        for url in wds.shardlists.expand_urls(str(u)):
+            hits = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
+            out.extend(hits)
+    if not out:
+        raise ValueError(f"urls={urls!r}: matched no shards")
+    return out
+
+
+class WorldClipStream(ClipStream):
+    """Bouncing-ball world clips generated on the fly: a fixed set of ``clips`` scenes per epoch."""
+
+    def __init__(self, world, timeline: Timeline, batch_size: int, clips: int = 1024, **kw):
+        from sora.data.world import WorldConfig
+
+        world = world if isinstance(world, WorldConfig) else WorldConfig(**world)
+        kw.setdefault("size", (world.height, world.width))
+        super().__init__(timeline, batch_size, **kw)
+        if (world.seconds, world.fps, world.sample_rate) != (timeline.seconds, timeline.fps, timeline.sample_rate):
+            raise ValueError(f"data.world: seconds/fps/sample_rate {world.seconds}/{world.fps}/{world.sample_rate} "
+                             f"differ from the timeline's {timeline.seconds}/{timeline.fps}/{timeline.sample_rate}")
+        self.world, self.clips = world, int(clips)
+
+    def items(self, epoch, worker, num_workers):
+        order = list(range(self.clips))
+        if self.shuffle:
+            random.Random(_seed(self.seed, epoch)).shuffle(order)
+        for i in order[worker::num_workers]:
+            yield {"__key__": f"world-{self.seed}-{i:07d}", "index": i}, 0
+
+    def decode(self, item, bucket, rng):
+        from sora.data.world import make_clip
+
+        clip = make_clip(_seed(self.seed, item["index"]), self.world)
+        frames = clip.frames
+        if frames.shape[1:3] != (bucket.height, bucket.width):
+            frames = crop(frames, bucket, rng if self.random_crop else None)
+        audio, mask = self._fit_audio(clip.audio, np.ones(clip.audio.shape[1], dtype=bool))
+        return Sample(item["__key__"], frames, audio, mask, True, clip.caption, 0.0, {"world": clip.meta})
