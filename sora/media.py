@@ -37,7 +37,7 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-__all__ = ["AVClip", "AVInfo", "MediaError", "probe_av", "read_av", "write_av"]
+__all__ = ["AVClip", "AVInfo", "MediaError", "probe_av", "read_av", "write_av", "write_image"]
 
 AUDIO_PREROLL = 0.25  # seconds demuxed before `start`: covers AAC/MP3 decoder warm-up and B-frame reordering
 _EPS = 1e-6  # seconds; slack for float comparisons of timestamps
@@ -432,3 +432,16 @@ def _encode(path: str, frames: np.ndarray, audio, rate: Fraction, sample_rate: i
         out.mux(vs.encode(None))
         if ast is not None:
             out.mux(ast.encode(None))
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write a uint8 [H, W, 3] RGB image as PNG (FFmpeg's png encoder, no other dependency)."""
+    image = np.ascontiguousarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"write_image({path}): need uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+    with open(path, "wb") as f:
+        for packet in [*codec.encode(frame), *codec.encode(None)]:
+            f.write(bytes(packet))

@@ -368,3 +368,16 @@ def test_real_no_audio():
     whole = read_av(path, size=(68, 160), channels=2)
     np.testing.assert_array_equal(whole.frames[75:125], clip.frames)
     assert whole.audio.shape == (2, 10 * SR)
+
+
+def test_write_image_round_trip(tmp_path):
+    from sora.media import write_image
+
+    img = (np.arange(24 * 40 * 3) % 251).astype(np.uint8).reshape(24, 40, 3)
+    write_image(tmp_path / "x.png", img)
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with av.open(str(tmp_path / "x.png")) as c:
+        back = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    np.testing.assert_array_equal(back, img)
+    with pytest.raises(ValueError, match="uint8"):
+        write_image(tmp_path / "y.png", img.astype(np.float32))

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from itertools import islice
 from pathlib import Path
 
 import hydra
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from sora.data.pipeline import ClipBatch
@@ -79,10 +80,8 @@ def main(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data)
     loader = datamodule.train_dataloader()
     batches, t0 = [], time.perf_counter()
-    for batch in tqdm(loader, total=cfg.preview_batches, desc="decoding batches", unit="batch"):
+    for batch in tqdm(islice(loader, cfg.preview_batches), total=cfg.preview_batches, desc="decoding", unit="batch"):
         batches.append(batch)
-        if len(batches) == cfg.preview_batches:
-            break
     seconds = time.perf_counter() - t0
     first = batches[0]
 
@@ -103,9 +102,14 @@ def main(cfg: DictConfig) -> None:
         "sync_error_ms_max": round(float(np.abs(errors).max()) * 1000, 2) if errors.size else None,
     }
     (out / "preview.json").write_text(json.dumps(summary, indent=2))
-    print(OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in summary.items() if k != "captions"})))
-    print("first captions:", *summary["captions"][:4], sep="\n  ")
-    print(f"wrote {out / 'preview.mp4'} and {out / 'preview.png'} ({out / 'preview.json'})")
+    print(f"decoded {summary['clips']} clips in {summary['batches']} batches ({seconds:.2f} s): "
+          f"video {summary['video']} audio {summary['audio']} at {first.fps:g} fps / {first.sample_rate} Hz, "
+          f"{sum(summary['has_audio'])}/{summary['clips']} with sound")
+    print(f"audio-video sync: {summary['sync_impacts']} sound onsets vs ground-truth impacts, |error| median "
+          f"{summary['sync_error_ms_median']} ms, max {summary['sync_error_ms_max']} ms "
+          f"(one frame = {1000 / first.fps:.1f} ms)")
+    print("captions:", *summary["captions"][:4], sep="\n  ")
+    print(f"wrote {out / 'preview.mp4'}, {out / 'preview.png'}, {out / 'preview.json'}")
 
 
 if __name__ == "__main__":

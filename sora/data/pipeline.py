@@ -149,6 +149,7 @@ class ClipStream(IterableDataset, ABC):
         worker, num_workers = self._global_worker()
         epoch, done = self._epoch, self._batches
         while True:
+            index = -1
             for index, (b, items) in enumerate(self.plan(epoch, worker, num_workers)):
                 if index < done:
                     continue  # replaying the plan up to the restored position: nothing decoded
@@ -167,6 +168,9 @@ class ClipStream(IterableDataset, ABC):
                                   skipped=len(items) - len(samples))
             if not self.infinite:
                 return
+            if index < 0:  # a whole epoch without one batch: looping again would spin forever
+                raise RuntimeError(f"data: worker {worker}/{num_workers} found no usable sample in a whole "
+                                   f"epoch (too few samples for batch_size={self.batch_size}, or all unreadable)")
             epoch, done = epoch + 1, 0
             self._epoch, self._batches = epoch, 0
 
