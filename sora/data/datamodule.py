@@ -16,7 +16,6 @@ position with each batch it hands out, and Lightning saves its ``state_dict`` in
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import OrderedDict
 
 import lightning as L
@@ -26,8 +25,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from sora.data.pipeline import ClipBatch, ClipStream
 
 log = logging.getLogger(__name__)
-# torchdata 0.11 calls torch.set_vital, deprecated in recent torch: harmless, and once per iterator
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 def _dist():
