@@ -416,7 +416,8 @@ def _encode(path: str, frames: np.ndarray, audio, rate: Fraction, sample_rate: i
             ast.codec_context.time_base = Fraction(1, sample_rate)
         a_pos = 0
         for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            # convert here: the encoder's own reused converter gave run-to-run different bytes
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
             frame.pts, frame.time_base = i, 1 / rate
             out.mux(vs.encode(frame))
             if ast is None:
