@@ -230,7 +230,8 @@ def _to_rgb(frame, size) -> np.ndarray:
 
 
 def read_av(src, start: float = 0.0, duration: float | None = None, fps: float | None = None,
-            size: tuple[int, int] | None = None, sample_rate: int = 16000, channels: int = 1) -> AVClip:
+            size: tuple[int, int] | None = None, sample_rate: int = 16000, channels: int = 1,
+            threads: int = 0) -> AVClip:
     """Decode the window [start, start+duration) of `src` (path or bytes) into an AVClip.
 
     Video: with ``fps=None`` the native frames whose pts lies in the window; with `fps` the frame
@@ -240,6 +241,9 @@ def read_av(src, start: float = 0.0, duration: float | None = None, fps: float |
     Audio: down-mixed to `channels` (1 = channel average, 2 from mono = duplicate, other cases by
     libswresample's mixing), resampled to `sample_rate`, placed by pts (module docstring), and
     exactly ``round(duration * sample_rate)`` samples long (video duration when not given).
+    ``threads``: decoder threads, 0 = FFmpeg's frame+slice threading over all cores (fastest for
+    one reader), 1 = single-threaded (fastest when several processes decode at once, as
+    DataLoader workers do: measured in experiments/benchmarks).
     Raises MediaError for unreadable input, and for a truncated file whose video data ends well
     before its header's duration when the requested window reaches past the damage; a window
     that lies wholly in the intact part of a truncated file reads normally.
@@ -252,6 +256,10 @@ def read_av(src, start: float = 0.0, duration: float | None = None, fps: float |
         raise ValueError(f"size must be (H, W) with positive ints, got {size}")
     name, container = _open(src)
     try:
+        for stream in container.streams:
+            if threads != 1:
+                stream.codec_context.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
         return _read(container, name, float(start), duration, fps, size, sample_rate, channels)
     except av.FFmpegError as e:
         raise MediaError(f"{name}: cannot decode ({_one_line(e)})") from None
@@ -267,8 +275,6 @@ def _read(container, name, start, duration, fps, size, sample_rate, channels) ->
         end = max(start, info.duration) if info.duration else math.inf
     vs = container.streams.video[0]
     ast = container.streams.audio[0] if container.streams.audio else None
-    for s in container.streams:
-        s.codec_context.thread_type = "AUTO"
     seek_t = start - AUDIO_PREROLL
     while True:
         if seek_t > 0:

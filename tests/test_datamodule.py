@@ -43,6 +43,7 @@ class KeyRecorder(L.LightningModule):
         self.seen = []
 
     def training_step(self, batch, batch_idx):
+        assert batch.video.dtype == torch.float32  # normalized on the device by the datamodule
         self.seen.append(list(batch.keys))
         return (self.w * batch.video.mean()) ** 2 + self.w.sum() ** 2
 

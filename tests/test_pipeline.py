@@ -54,8 +54,11 @@ def _keys(loader, n=None):
 def test_batches_follow_the_contract(world_shards):
     stream = ShardClipStream(world_shards, TL, batch_size=4, size=(32, 32), seed=0)
     batch = next(iter(stream))
-    assert batch.video.shape == (4, 3, TL.num_frames, 32, 32) and batch.video.dtype == torch.float32
+    assert batch.video.shape == (4, 3, TL.num_frames, 32, 32) and batch.video.dtype == torch.uint8
+    as_bytes = batch.video.clone()
+    assert batch.normalize() is batch and batch.video.dtype == torch.float32
     assert -1.0 <= batch.video.min() < batch.video.max() <= 1.0
+    torch.testing.assert_close(((batch.video + 1) * 127.5).round().to(torch.uint8), as_bytes)
     assert batch.audio.shape == (4, 1, TL.num_samples) and batch.audio_mask.shape == (4, TL.num_samples)
     assert batch.has_audio.all() and batch.audio_mask.all()
     assert all(c.endswith("floor") for c in batch.captions)

@@ -81,7 +81,7 @@ def main(cfg: DictConfig) -> None:
     loader = datamodule.train_dataloader()
     batches, t0 = [], time.perf_counter()
     for batch in tqdm(islice(loader, cfg.preview_batches), total=cfg.preview_batches, desc="decoding", unit="batch"):
-        batches.append(batch)
+        batches.append(batch.normalize())
     seconds = time.perf_counter() - t0
     first = batches[0]
 

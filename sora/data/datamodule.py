@@ -95,6 +95,9 @@ class AVDataModule(L.LightningDataModule):
         self._train_loader = self._loader(self.train_stream)
         return self._train_loader
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return batch.normalize() if isinstance(batch, ClipBatch) else batch
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         loader = getattr(self, "_train_loader", None)
         if loader is not None and self.trainer is not None and self.trainer.training and isinstance(batch, ClipBatch):
