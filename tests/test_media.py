@@ -15,7 +15,7 @@ from sora.media import AVClip, AVInfo, MediaError, probe_av, read_av, write_av
 
 SR = 16000
 H, W = 48, 64
-MEDIA = Path("/work/shared/media")
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"  # ../shared/media beside the repo
 
 
 def beep(n_total: int, at: int, sr: int = SR, length: float = 0.05, amp: float = 0.5) -> np.ndarray:
