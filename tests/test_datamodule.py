@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sora.data.datamodule import AVDataModule
 from sora.data.pipeline import ShardClipStream, WorldClipStream
 
+from helpers import KeyRecorder
+
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
@@ -32,23 +34,6 @@ def test_data_configs_instantiate():
     cfg = _compose(["data=shards", "data.train.urls=/nonexistent/shard-*.tar"])
     with pytest.raises(Exception, match="matched no shards"):  # hydra wraps it, naming data.train
         instantiate(cfg.data)
-
-
-class KeyRecorder(L.LightningModule):
-    """Records the sample keys of every training step; the loss touches the batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.seen = []
-
-    def training_step(self, batch, batch_idx):
-        assert batch.video.dtype == torch.float32  # normalized on the device by the datamodule
-        self.seen.append(list(batch.keys))
-        return (self.w * batch.video.mean()) ** 2 + self.w.sum() ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _fit(tmp: Path, max_steps: int, ckpt_path=None, every=None):

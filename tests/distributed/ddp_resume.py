@@ -13,26 +13,14 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sora.data.datamodule import AVDataModule
 from sora.data.pipeline import ShardClipStream
 from sora.timeline import Timeline
 
-
-class KeyRecorder(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.seen = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(list(batch.keys))
-        return (self.w * batch.video.mean()) ** 2 + self.w.sum() ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import KeyRecorder  # noqa: E402
 
 
 def main(shards: str, out: str, max_steps: int, ckpt: str | None = None) -> None:

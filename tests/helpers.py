@@ -1,0 +1,21 @@
+"""Small pieces shared by tests and the scripts they run in subprocesses."""
+
+import lightning as L
+import torch
+
+
+class KeyRecorder(L.LightningModule):
+    """Records the sample keys of every training step; the loss touches the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        assert batch.video.dtype == torch.float32  # normalized on the device by the datamodule
+        self.seen.append(list(batch.keys))
+        return (self.w * batch.video.mean()) ** 2 + self.w.sum() ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
