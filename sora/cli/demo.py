@@ -58,21 +58,26 @@ def sync_errors(batch: ClipBatch) -> np.ndarray:
 
 
 def make_world_shards(cfg: DictConfig, shards: Path) -> None:
+    """World shards for the demo; reused while the settings that made them are unchanged."""
     from tools.make_shards import main as make_shards
 
-    if sorted(shards.glob("shard-*.tar")):
-        log.info("reusing world shards in %s (delete the folder to regenerate)", shards)
-        return
     tl = cfg.timeline
-    code = make_shards(["--world", str(cfg.world.clips), str(shards), "--world-size", str(cfg.world.size),
-                        "--world-seconds", str(cfg.world.seconds), "--world-fps", str(tl.fps),
-                        "--world-sample-rate", str(tl.sample_rate), "--seed", str(cfg.seed)])
+    args = ["--world", str(cfg.world.clips), str(shards), "--world-size", str(cfg.world.size),
+            "--world-seconds", str(cfg.world.seconds), "--world-fps", str(tl.fps),
+            "--world-sample-rate", str(tl.sample_rate), "--seed", str(cfg.seed)]
+    stamp = shards / "made_with.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == args and sorted(shards.glob("shard-*.tar")):
+        log.info("reusing world shards in %s (made with the same settings)", shards)
+        return
+    code = make_shards([*args, "--overwrite"])
     if code != 0:
         raise SystemExit(f"demo: making world shards in {shards} failed (exit {code})")
+    stamp.write_text(json.dumps(args))
 
 
 @hydra.main(config_path="../../configs", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    instantiate(cfg.timeline)  # a bad timing config fails here, before any work
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     make_world_shards(cfg, out / "shards")
