@@ -39,6 +39,7 @@ import numpy as np
 
 __all__ = ["AVClip", "AVInfo", "MediaError", "probe_av", "read_av", "write_av", "write_image"]
 
+_WARMUP = 0.05  # seconds of audio resampled before the clip: the resampler's filter settles there
 AUDIO_PREROLL = 0.25  # seconds demuxed before `start`: covers AAC/MP3 decoder warm-up and B-frame reordering
 _EPS = 1e-6  # seconds; slack for float comparisons of timestamps
 _GAP = 0.002  # seconds; an audio pts jump larger than this restarts the resampler
@@ -183,6 +184,8 @@ class _AudioPlacer:
 
     def push(self, frame) -> None:
         t = None if frame.pts is None else float(frame.pts * frame.time_base)
+        if t is not None and self.resampler is None and t + frame.samples / frame.sample_rate < self.zero - _WARMUP:
+            return  # decoded from a keyframe far before the clip: resample only from just before it
         if t is not None and (self.next_t is None or abs(t - self.next_t) > _GAP):
             self.flush()  # first frame, or a discontinuity: restart placement from this pts
             self.pos = round((t - self.zero) * self.sr)

@@ -205,3 +205,15 @@ def test_expand_shards(world_shards):
                                                                      folder + "/shard-000001.tar"]
     with pytest.raises(ValueError, match="matched no shards"):
         expand_shards(folder + "/nothing-*.tar")
+
+
+def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path):
+    with wds.TarWriter(str(tmp_path / "junk.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"junk{i}", "mp4": b"not a video", "json": b"{}"})
+    stream = ShardClipStream(str(tmp_path / "junk.tar"), TL, batch_size=1, size=(32, 32))
+    with pytest.raises(RuntimeError, match="no usable sample in a whole epoch"):
+        next(iter(stream))
+    world = WorldConfig(width=32, height=32, seconds=1.0)
+    with pytest.raises(RuntimeError, match="too few samples for batch_size=4"):
+        next(iter(WorldClipStream(world, TL, batch_size=4, clips=3)))

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                     sink.write({"__key__": f"{key}/{copy}", "mp4": data, "json": meta[key]})
         for _ in range(args.repeats):  # alternate the two so machine noise hits both alike
             stream = ShardClipStream(f"{tmp}/bench-*.tar", tl, batch_size=1, size=(args.size, args.size), shuffle_buffer=16, seed=0)
-            loader = StatefulDataLoader(stream, batch_size=None, num_workers=args.workers, prefetch_factor=4)
+            loader = StatefulDataLoader(stream, batch_size=None, num_workers=args.workers, prefetch_factor=2)
             it = iter(loader)
             next(it)  # start-up (worker spawn, imports) is not throughput
             t = time.perf_counter()

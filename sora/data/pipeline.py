@@ -159,7 +159,7 @@ class ClipStream(IterableDataset, ABC):
         worker, num_workers = self._global_worker()
         epoch, done = self._epoch, self._batches
         while True:
-            index = -1
+            resumed_at, yielded = done, 0
             for index, (b, items) in enumerate(self.plan(epoch, worker, num_workers)):
                 if index < done:
                     continue  # replaying the plan up to the restored position: nothing decoded
@@ -174,11 +174,12 @@ class ClipStream(IterableDataset, ABC):
                                     str(e).splitlines()[0] if str(e) else type(e).__name__)
                 self._epoch, self._batches = epoch, index + 1
                 if samples:
+                    yielded += 1
                     yield collate(samples, float(self.timeline.fps_q), self.timeline.sample_rate,
                                   skipped=len(items) - len(samples))
             if not self.infinite:
                 return
-            if index < 0:  # a whole epoch without one batch: looping again would spin forever
+            if yielded == 0 and resumed_at == 0:  # a whole epoch without one batch: would spin forever
                 raise RuntimeError(f"data: worker {worker}/{num_workers} found no usable sample in a whole "
                                    f"epoch (too few samples for batch_size={self.batch_size}, or all unreadable)")
             epoch, done = epoch + 1, 0
