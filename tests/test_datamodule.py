@@ -69,3 +69,19 @@ def test_lightning_checkpoint_resumes_the_stream_exactly(tmp_path):
 def test_shard_stream_in_the_datamodule_rejects_bad_size():
     with pytest.raises(ValueError, match="exactly one of size"):
         ShardClipStream("x.tar", _timeline(), batch_size=2)
+
+
+def test_a_checkpoint_from_another_world_size_restarts_the_stream(caplog):
+    from sora.data.datamodule import RankedLoader
+
+    stream = WorldClipStream({"width": 32, "height": 32, "seconds": 1.0}, _timeline(), batch_size=2, clips=8)
+    loader = RankedLoader(stream, batch_size=None)
+    first = next(iter(loader)).keys
+    saved = loader.state_dict()
+    assert saved["world_size"] == 1 and len(saved["ranks"]) == 1
+    with caplog.at_level("WARNING"):
+        fresh = RankedLoader(WorldClipStream({"width": 32, "height": 32, "seconds": 1.0}, _timeline(), batch_size=2,
+                                             clips=8), batch_size=None)
+        fresh.load_state_dict({"world_size": 2, "ranks": saved["ranks"] * 2})
+    assert "2 ranks, this run has 1" in caplog.text
+    assert next(iter(fresh)).keys == first

@@ -68,8 +68,8 @@ class RankedLoader(StatefulDataLoader):
             return super().load_state_dict(state)
         rank, world = _dist()
         if state["world_size"] != world:
-            log.warning("data: checkpoint has stream positions for %d ranks, this run has %d: "
-                        "streams restart at their saved epochs' start", state["world_size"], world)
+            log.warning("data: the checkpoint has stream positions for %d ranks, this run has %d: "
+                        "the data streams start again from their first epoch", state["world_size"], world)
             return None
         return super().load_state_dict(state["ranks"][rank])
 

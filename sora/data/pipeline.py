@@ -220,8 +220,8 @@ class ShardClipStream(ClipStream):
         stream = wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=self._shard_error)
         stream = (s for i, s in enumerate(stream) if i % every == worker % every)
         if self.shuffle:
-            stream = wds.filters._shuffle(stream, self.shuffle_buffer, self.shuffle_buffer,
-                                          rng=random.Random(_seed(self.seed, epoch, worker)))
+            rng = random.Random(_seed(self.seed, epoch, worker))
+            stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(stream)
         for sample in stream:
             yield sample, self._bucket_of(sample)
 
