@@ -39,6 +39,7 @@ import numpy as np
 
 __all__ = ["AVClip", "AVInfo", "MediaError", "probe_av", "read_av", "write_av", "write_image"]
 
+VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m4v")  # containers the project reads
 _WARMUP = 0.05  # seconds of audio resampled before the clip: the resampler's filter settles there
 AUDIO_PREROLL = 0.25  # seconds demuxed before `start`: covers AAC/MP3 decoder warm-up and B-frame reordering
 _EPS = 1e-6  # seconds; slack for float comparisons of timestamps

@@ -38,9 +38,8 @@ if __package__ in (None, ""):  # run as a script: make `sora` importable without
 from tqdm import tqdm
 
 from sora.data.world import WorldConfig, clip_seed, make_clip
-from sora.media import MediaError, probe_av, read_av, write_av
+from sora.media import VIDEO_EXTS, MediaError, probe_av, read_av, write_av
 
-VIDEO_EXTS = {"mp4", "mov", "mkv", "webm", "mpg", "mpeg", "avi", "m4v"}
 REENCODE_LIMIT = 4 << 30  # bytes of decoded RGB frames one re-encoded clip may take
 CHECK_SECONDS = 0.1  # length of the head / tail windows decoded to validate a file
 

@@ -35,12 +35,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sora.data.buckets import Bucket, cover_size, crop, make_buckets, nearest_bucket
-from sora.media import probe_av, read_av
+from sora.media import VIDEO_EXTS, probe_av, read_av
 from sora.timeline import Timeline
 
 log = logging.getLogger(__name__)
-
-VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m4v")
 
 
 @dataclass
