@@ -75,7 +75,10 @@ def make_world_shards(cfg: DictConfig, shards: Path) -> None:
     stamp.write_text(json.dumps(args))
 
 
-@hydra.main(config_path="../../configs", config_name="demo", version_base="1.3")
+CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")  # absolute: works from any directory
+
+
+@hydra.main(config_path=CONFIGS, config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     instantiate(cfg.timeline)  # a bad timing config fails here, before any work
     out = Path(cfg.out_dir)
