@@ -1,0 +1,1 @@
+"""Rectified flow: timesteps, interpolation, losses; samplers; guidance."""
