@@ -1,0 +1,199 @@
+"""Attention with backends, multi-axis rotary positions on the shared time axis, QK RMS-norm.
+
+One entry point, :func:`attention`, for every attention in the models:
+
+* ``"flash"``: ``flash_attn.flash_attn_varlen_func`` on packed (unpadded) sequences. Keys are
+  packed with the key-padding mask, queries with ``q_mask`` (all queries when it is None),
+  the kernel runs on ``[total_tokens, heads, head_dim]`` with ``cu_seqlens``, and the result
+  is unpacked (padded query rows come back as zeros).
+* ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with the key-padding mask
+  broadcast to ``[B, 1, 1, L_k]``. Every query row is computed.
+* ``"auto"``: flash when flash-attn imports, the tensors are on CUDA and in fp16/bf16, else sdpa.
+
+The flash path is written against the flash-attn 2 API; :func:`varlen_attention_reference` is
+a CPU twin of the varlen kernel, so tests run the same packing code and prove it equals sdpa.
+
+Rotary positions (:func:`rope_frequencies`, :func:`apply_rope`) are FLOAT and multi-axis:
+``(time in seconds, patch row, patch col)``. Audio tokens use ``(time, 0, 0)``, so a video token
+and an audio token at the same instant get the same phase on the time sub-space. Time uses
+``scale=100`` (positions in units of 10 ms) and ``theta=10000``: component ``i`` of ``d`` turns at
+``100 * 10000**(-i/d)`` rad/s. The fastest has period 2*pi/100 s = 63 ms, so 10 ms is a 1 rad
+shift and 40 ms (an audio latent step) 4 rad; the slowest has a period of several hundred
+seconds, so clips of tens of seconds never wrap. Rows/cols use the usual scale 1, theta 10000.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional CUDA extra
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # pragma: no cover - not installed on CPU machines
+    flash_attn_varlen_func = None
+
+BACKENDS = ("auto", "flash", "sdpa")
+ROPE_THETA = (10000.0, 10000.0, 10000.0)  # per axis: time, row, col
+ROPE_SCALE = (100.0, 1.0, 1.0)  # rad per unit of position for the fastest component
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------------
+def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend={backend!r}: expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    flash_ok = (flash_attn_varlen_func is not None and q.is_cuda
+                and q.dtype in (torch.float16, torch.bfloat16))
+    return "flash" if flash_ok else "sdpa"
+
+
+def attention(q, k, v, mask=None, backend="auto", q_mask=None):
+    """q [B, H, Lq, D], k/v [B, H, Lk, D]; mask: bool [B, Lk], True = keep. -> [B, H, Lq, D].
+
+    ``q_mask`` (bool [B, Lq]) only lets the flash path skip padded queries (their rows come
+    back as zeros); sdpa computes every row. Compare the two on unmasked rows only.
+    """
+    backend = select_backend(q, backend)
+    if backend == "flash":
+        if flash_attn_varlen_func is None:
+            raise RuntimeError("attention backend='flash' needs flash-attn (pip install flash-attn)")
+        return varlen_attention(q, k, v, mask, q_mask, kernel=flash_attn_varlen_func)
+    return sdpa_attention(q, k, v, mask)
+
+
+def sdpa_attention(q, k, v, mask=None):
+    attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)  # no host sync
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def pack(x: torch.Tensor, mask: torch.Tensor | None):
+    """x [B, L, ...], mask bool [B, L] -> (x_packed [total, ...], cu_seqlens int32 [B+1],
+    max_len, indices [total] into the flattened B*L positions)."""
+    b, length = x.shape[:2]
+    if mask is None:
+        mask = torch.ones(b, length, dtype=torch.bool, device=x.device)
+    seqlens = mask.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(mask.reshape(-1), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    x_packed = x.reshape(b * length, *x.shape[2:]).index_select(0, indices)
+    return x_packed, cu_seqlens, int(seqlens.max().item()) if b else 0, indices
+
+
+def unpack(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int):
+    """Inverse of :func:`pack`: [total, ...] -> [batch, seqlen, ...], zeros where masked."""
+    out = x_packed.new_zeros(batch * seqlen, *x_packed.shape[1:])
+    out = out.index_copy(0, indices, x_packed)
+    return out.reshape(batch, seqlen, *x_packed.shape[1:])
+
+
+def varlen_attention(q, k, v, mask=None, q_mask=None, kernel: Callable | None = None):
+    """The flash path: pack [B, H, L, D] inputs, run a varlen ``kernel``, unpack."""
+    kernel = kernel or flash_attn_varlen_func
+    b, _, lq, _ = q.shape
+    qp, cu_q, max_q, idx_q = pack(q.transpose(1, 2), q_mask)
+    kp, cu_k, max_k, _ = pack(k.transpose(1, 2), mask)
+    vp, _, _, _ = pack(v.transpose(1, 2), mask)
+    out = kernel(qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False)
+    return unpack(out, idx_q, b, lq).transpose(1, 2)
+
+
+def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
+                               max_seqlen_k=None, dropout_p=0.0, softmax_scale=None, causal=False):
+    """CPU twin of ``flash_attn_varlen_func``: q/k/v [total, H, D], one sdpa per sequence."""
+    assert dropout_p == 0.0 and not causal, "the reference covers the non-causal, no-dropout case"
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    for i in range(len(cu_seqlens_q) - 1):
+        q0, q1 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
+        k0, k1 = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
+        if q1 == q0 or k1 == k0:
+            continue
+        o = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
+                                           v[k0:k1].transpose(0, 1), scale=softmax_scale)
+        out[q0:q1] = o.transpose(0, 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# rotary positions
+# --------------------------------------------------------------------------------------------
+def rope_axes_dims(dim: int, n_axes: int = 3) -> tuple[int, ...]:
+    """Split head_dim among axes in pairs: time gets half (and any remainder), the rest share."""
+    if dim % 2:
+        raise ValueError(f"rotary head_dim={dim} must be even")
+    pairs = dim // 2
+    if n_axes == 1:
+        return (dim,)
+    other = pairs // (2 * (n_axes - 1))
+    if other < 1:
+        raise ValueError(f"head_dim={dim} too small for {n_axes} rotary axes")
+    return (2 * (pairs - other * (n_axes - 1)),) + (2 * other,) * (n_axes - 1)
+
+
+def rope_frequencies(dim: int, positions: torch.Tensor, theta: Sequence[float] = ROPE_THETA,
+                     scale: Sequence[float] = ROPE_SCALE, axes_dims: Sequence[int] | None = None):
+    """Rotation angles [..., L, dim // 2] (float32, in [0, 2pi)) for FLOAT positions [..., L, n_axes].
+
+    Axis ``a`` owns ``axes_dims[a]`` channels; its component ``i`` of ``d = axes_dims[a] / 2``
+    turns at ``scale[a] * theta[a] ** (-i / d)`` radians per unit of position.
+    """
+    n_axes = positions.shape[-1]
+    axes_dims = tuple(axes_dims) if axes_dims is not None else rope_axes_dims(dim, n_axes)
+    if sum(axes_dims) != dim or len(axes_dims) != n_axes:
+        raise ValueError(f"rotary axes_dims={axes_dims} do not split head_dim={dim} into {n_axes}")
+    angles = []
+    for a, d in enumerate(axes_dims):
+        half = d // 2
+        i = torch.arange(half, dtype=torch.float64, device=positions.device)
+        omega = float(scale[a]) * float(theta[a]) ** (-i / max(half, 1))
+        angles.append(positions[..., a : a + 1].double() * omega)
+    # float64, reduced mod 2*pi before the cast: 60 s at 100 rad/s is 6000 rad, whose float32
+    # rounding (~5e-4 rad) would otherwise swamp the phase of nearby tokens
+    return torch.remainder(torch.cat(angles, dim=-1), 2 * math.pi).float()
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, H, L, D] by angles [L, D/2] or [B, L, D/2]."""
+    if freqs.dim() == 3:
+        freqs = freqs[:, None]
+    cos, sin = freqs.cos(), freqs.sin()
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# QK norm
+# --------------------------------------------------------------------------------------------
+if hasattr(nn, "RMSNorm"):
+    class RMSNorm(nn.RMSNorm):
+        """Normalises in float32 (also under autocast, where x is bf16 and the weight fp32)."""
+
+        def __init__(self, dim: int, eps: float = 1e-6):
+            super().__init__(dim, eps=eps)
+
+        def forward(self, x):
+            return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+else:  # pragma: no cover - older torch
+    class RMSNorm(nn.Module):
+        def __init__(self, dim: int, eps: float = 1e-6):
+            super().__init__()
+            self.eps = eps
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x):
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return xf.to(x.dtype) * self.weight
+
+
+__all__ = ["attention", "select_backend", "sdpa_attention", "varlen_attention",
+           "varlen_attention_reference", "pack", "unpack", "rope_axes_dims",
+           "rope_frequencies", "apply_rope", "RMSNorm", "ROPE_THETA", "ROPE_SCALE"]

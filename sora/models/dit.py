@@ -1,0 +1,305 @@
+"""AVDiT: an MM-DiT (SD3-style) over video patches, audio latent steps and text tokens.
+
+Layout (the style of facebookresearch/DiT ``models.py``: constructor kwargs are the config, a
+Hydra ``_target_`` maps one-to-one; ``initialize_weights`` is the one place weights are set):
+
+* Streams. Each modality (``video``, ``audio``, ``text``) has its own input projection and, in
+  every block, its own AdaLN-Zero modulation, qkv/out projections, QK RMS-norm and MLP.
+* Conditioning. ``c_video = emb_video(t_video) + pooled_text``, ``c_audio = emb_audio(t_audio)
+  + pooled_text`` (sinusoidal timestep features of ``1000 t`` -> MLP, one MLP per modality;
+  pooled text = masked mean of the text tokens -> MLP). The text stream is modulated by
+  ``(c_video + c_audio) / 2``: it serves both modalities and has no timestep of its own.
+* Positions. Rotary, from the timing contract: video tokens ``(time s, row, col)``, audio tokens
+  ``(time s, 0, 0)``, text tokens get no rotation (Flux-style zero positions). See
+  :mod:`sora.models.attention` for the frequencies.
+* ``fusion="joint"``: one attention over ``[video, audio, text]`` with the text padding mask.
+* ``fusion="dual_stream"``: two joint attentions, ``[video, text]`` and ``[audio, text]``; the
+  text stream's update is the mean of its two outputs (so all three streams stay MM-DiT and
+  every parameter is used). Then bidirectional cross-attention video<->audio (video queries
+  audio and audio queries video, each with its own projections, AdaLN-Zero gate and
+  time-only rotary positions, so the two streams see each other by time offset only).
+* The last block's text stream is "pre-only" (SD3 ``context_pre_only``): it only supplies keys
+  and values, since its output would be discarded.
+* Final layer per modality: AdaLN + linear, zero-initialised, so the initial output is 0.
+
+Activation checkpointing: ``blocks`` is an ``nn.ModuleList`` so an outside transform (the
+training strategy) can wrap them; ``checkpoint_activations=True`` is the minimal built-in switch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sora.models.attention import ROPE_SCALE, ROPE_THETA, RMSNorm, apply_rope, attention, rope_frequencies
+
+MODALITIES = ("video", "audio", "text")
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features of 1000 t (the DiT scale) -> MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def mlp(dim: int, mlp_ratio: float) -> nn.Sequential:
+    hidden = int(dim * mlp_ratio)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class Stream(nn.Module):
+    """One modality's weights in one block. ``pre_only``: keys/values only (no output)."""
+
+    def __init__(self, dim, heads, mlp_ratio, qk_norm=True, pre_only=False, cross=False):
+        super().__init__()
+        self.heads, self.pre_only, self.cross = heads, pre_only, cross
+        self.n_mod = 2 if pre_only else 6 + (3 if cross else 0)  # (shift, scale, gate) x (attn, mlp, cross)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, (2 if pre_only else 3) * dim)  # pre-only: no queries
+        head_dim = dim // heads
+        self.q_norm = RMSNorm(head_dim) if qk_norm and not pre_only else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        if not pre_only:
+            self.proj = nn.Linear(dim, dim)
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mlp = mlp(dim, mlp_ratio)
+        if cross:  # queries when this stream asks, keys/values when it is asked
+            self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.cross_q = nn.Linear(dim, dim)
+            self.cross_kv = nn.Linear(dim, 2 * dim)
+            self.cross_q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+            self.cross_k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+            self.cross_proj = nn.Linear(dim, dim)
+
+    def heads_of(self, x):
+        return rearrange(x, "b l (h d) -> b h l d", h=self.heads)
+
+    def qkv_heads(self, x, mods, freqs):
+        qkv = self.qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        q, k, v = (None, *qkv.chunk(2, dim=-1)) if self.pre_only else qkv.chunk(3, dim=-1)
+        k, v = self.k_norm(self.heads_of(k)), self.heads_of(v)
+        q = None if q is None else self.q_norm(self.heads_of(q))
+        if freqs is not None:
+            k = apply_rope(k, freqs)
+            q = None if q is None else apply_rope(q, freqs)
+        return q, k, v
+
+
+class MMDiTBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4.0, fusion="joint", qk_norm=True, last=False,
+                 attn_backend="auto"):
+        super().__init__()
+        self.fusion, self.attn_backend = fusion, attn_backend
+        cross = fusion == "dual_stream"
+        self.streams = nn.ModuleDict({
+            "video": Stream(dim, heads, mlp_ratio, qk_norm, cross=cross),
+            "audio": Stream(dim, heads, mlp_ratio, qk_norm, cross=cross),
+            "text": Stream(dim, heads, mlp_ratio, qk_norm, pre_only=last),
+        })
+
+    def _attend(self, qkv, queries, keys, masks):
+        q = torch.cat([qkv[m][0] for m in queries], dim=2)
+        k = torch.cat([qkv[m][1] for m in keys], dim=2)
+        v = torch.cat([qkv[m][2] for m in keys], dim=2)
+        mask = torch.cat([masks[m] for m in keys], dim=1)
+        o = attention(q, k, v, mask, backend=self.attn_backend)
+        o = rearrange(o, "b h l d -> b l (h d)")
+        return dict(zip(queries, o.split([qkv[m][0].shape[2] for m in queries], dim=1)))
+
+    def _cross(self, src, dst, x, mods, freqs):
+        """Stream ``src`` queries stream ``dst``; returns the (ungated) update for ``src``."""
+        s, d = self.streams[src], self.streams[dst]
+        q = s.cross_q_norm(s.heads_of(s.cross_q(modulate(s.norm_cross(x[src]), *mods[src][6:8]))))
+        k, v = d.cross_kv(modulate(d.norm_cross(x[dst]), *mods[dst][6:8])).chunk(2, dim=-1)
+        k, v = d.cross_k_norm(d.heads_of(k)), d.heads_of(v)
+        o = attention(apply_rope(q, freqs[src]), apply_rope(k, freqs[dst]), v, backend=self.attn_backend)
+        return s.cross_proj(rearrange(o, "b h l d -> b l (h d)"))
+
+    def forward(self, x: dict, c: dict, rope: dict, masks: dict, rope_time: dict | None = None):
+        mods = {m: self.streams[m].adaLN_modulation(c[m]).chunk(self.streams[m].n_mod, dim=-1)
+                for m in MODALITIES}
+        qkv = {m: self.streams[m].qkv_heads(x[m], mods[m], rope.get(m)) for m in MODALITIES}
+        out_names = [m for m in MODALITIES if not self.streams[m].pre_only]
+        if self.fusion == "joint":
+            o = self._attend(qkv, out_names, MODALITIES, masks)
+        else:
+            text_q = ["text"] if "text" in out_names else []
+            ov = self._attend(qkv, ["video"] + text_q, ["video", "text"], masks)
+            oa = self._attend(qkv, ["audio"] + text_q, ["audio", "text"], masks)
+            o = {"video": ov["video"], "audio": oa["audio"]}
+            if text_q:
+                o["text"] = 0.5 * (ov["text"] + oa["text"])
+        x = dict(x)
+        for m in out_names:
+            x[m] = x[m] + mods[m][2][:, None] * self.streams[m].proj(o[m])
+        if self.fusion == "dual_stream":
+            dv = self._cross("video", "audio", x, mods, rope_time)
+            da = self._cross("audio", "video", x, mods, rope_time)
+            x["video"] = x["video"] + mods["video"][8][:, None] * dv
+            x["audio"] = x["audio"] + mods["audio"][8][:, None] * da
+        for m in out_names:
+            s, (sh, sc, g) = self.streams[m], mods[m][3:6]
+            x[m] = x[m] + g[:, None] * s.mlp(modulate(s.norm2(x[m]), sh, sc))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class AVDiT(nn.Module):
+    def __init__(self, video_channels=16, audio_channels=8, text_dim=64, dim=256, depth=4, heads=4,
+                 mlp_ratio=4.0, patch_size=2, fusion="joint", qk_norm=True, rope_theta=ROPE_THETA,
+                 rope_scale=ROPE_SCALE, checkpoint_activations=False, attn_backend="auto"):
+        super().__init__()
+        if fusion not in ("joint", "dual_stream"):
+            raise ValueError(f"fusion={fusion!r}: expected 'joint' or 'dual_stream'")
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        self.video_channels, self.audio_channels, self.patch_size = video_channels, audio_channels, patch_size
+        self.dim, self.depth, self.heads, self.fusion = dim, depth, heads, fusion
+        self.rope_theta, self.rope_scale = tuple(rope_theta), tuple(rope_scale)
+        self.checkpoint_activations = checkpoint_activations
+        patch_dim = video_channels * patch_size * patch_size
+        self.video_embed = nn.Linear(patch_dim, dim)
+        self.audio_embed = nn.Linear(audio_channels, dim)
+        self.text_embed = nn.Linear(text_dim, dim)
+        self.t_embed_video = TimestepEmbedder(dim)
+        self.t_embed_audio = TimestepEmbedder(dim)
+        self.text_pool = nn.Sequential(nn.Linear(text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([
+            MMDiTBlock(dim, heads, mlp_ratio, fusion, qk_norm, last=(i == depth - 1), attn_backend=attn_backend)
+            for i in range(depth)])
+        self.final_video = FinalLayer(dim, patch_dim)
+        self.final_audio = FinalLayer(dim, audio_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(_basic_init)
+        for emb in (self.t_embed_video, self.t_embed_audio):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # AdaLN-Zero: every residual gate starts at 0
+            for stream in block.streams.values():
+                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
+                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
+        for final in (self.final_video, self.final_audio):
+            for lin in (final.adaLN_modulation[-1], final.linear):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    # -- positions -------------------------------------------------------------------------
+    def _rope(self, positions):
+        return rope_frequencies(self.dim // self.heads, positions, self.rope_theta, self.rope_scale)
+
+    def rope_positions(self, video_times, audio_times, h, w):
+        """(video [T'*h*w, 3], audio [L, 3]) float64 positions: (seconds, row, col)."""
+        vt = video_times.double()
+        grid = torch.meshgrid(vt, torch.arange(h, dtype=torch.float64, device=vt.device),
+                              torch.arange(w, dtype=torch.float64, device=vt.device), indexing="ij")
+        video = torch.stack(grid, dim=-1).reshape(-1, 3)
+        at = audio_times.double().to(vt.device)
+        audio = torch.stack([at, torch.zeros_like(at), torch.zeros_like(at)], dim=-1)
+        return video, audio
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
+        """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt],
+        t_video/t_audio [B] in [0, 1], video_times [T'] / audio_times [L] seconds (float64 keeps phase
+        precision on long clips) -> (v_video, v_audio)."""
+        b, _, frames, height, width = video.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"video latent {height}x{width} is not divisible by patch_size={p}")
+        if video_times.shape[-1] != frames or audio_times.shape[-1] != audio.shape[-1]:
+            raise ValueError(f"video_times {tuple(video_times.shape)} / audio_times {tuple(audio_times.shape)} "
+                             f"do not match {frames} video and {audio.shape[-1]} audio latent steps")
+        h, w = height // p, width // p
+        text_mask = text_mask.to(torch.bool)
+        x = {
+            "video": self.video_embed(rearrange(video, "b c t (h p) (w q) -> b (t h w) (c p q)", p=p, q=p)),
+            "audio": self.audio_embed(rearrange(audio, "b c l -> b l c")),
+            "text": self.text_embed(text),
+        }
+        weights = text_mask.to(text.dtype)[..., None]
+        pooled = self.text_pool((text * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+        c_video = self.t_embed_video(t_video) + pooled
+        c_audio = self.t_embed_audio(t_audio) + pooled
+        c = {"video": c_video, "audio": c_audio, "text": 0.5 * (c_video + c_audio)}
+        pos_v, pos_a = self.rope_positions(video_times, audio_times, h, w)
+        rope = {"video": self._rope(pos_v), "audio": self._rope(pos_a)}
+        rope_time = None
+        if self.fusion == "dual_stream":  # cross-attention sees time offsets only
+            rope_time = {"video": self._rope(pos_v * pos_v.new_tensor([1.0, 0.0, 0.0])), "audio": rope["audio"]}
+        ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=video.device)  # noqa: E731
+        masks = {"video": ones(x["video"].shape[1]), "audio": ones(x["audio"].shape[1]), "text": text_mask}
+        for block in self.blocks:
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, rope, masks, rope_time, use_reentrant=False)
+            else:
+                x = block(x, c, rope, masks, rope_time)
+        v_video = self.final_video(x["video"], c_video)
+        v_video = rearrange(v_video, "b (t h w) (c p q) -> b c t (h p) (w q)", t=frames, h=h, w=w, p=p, q=p)
+        v_audio = rearrange(self.final_audio(x["audio"], c_audio), "b l c -> b c l")
+        return v_video, v_audio
+
+    # -- accounting (nanoGPT style) ----------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops_per_token(self, video_tokens: int, audio_tokens: int, text_tokens: int) -> float:
+        """Approximate training FLOPs (forward + backward) per token, averaged over all tokens.
+
+        Weight FLOPs: 6 x the per-token weights of the token's own stream (AdaLN weights act per
+        sample, not per token, and are left out). Attention: 12 x depth x dim x keys seen.
+        """
+        n = {"video": video_tokens, "audio": audio_tokens, "text": text_tokens}
+        total = sum(n.values())
+        flops = 0.0
+        for m in MODALITIES:
+            w = sum(p.numel() for blk in self.blocks for name, p in blk.streams[m].named_parameters()
+                    if "adaLN" not in name)
+            if self.fusion == "joint":
+                keys = total
+            else:
+                keys = {"video": video_tokens + text_tokens + audio_tokens,
+                        "audio": audio_tokens + text_tokens + video_tokens,
+                        "text": 2 * text_tokens + video_tokens + audio_tokens}[m]
+            flops += n[m] * (6 * w + 12 * self.depth * self.dim * keys)
+        return flops / max(total, 1)
+
+    def estimate_mfu(self, tokens_per_second: float, tokens: tuple[int, int, int], peak_flops: float) -> float:
+        """Model FLOPs utilisation given throughput, (video, audio, text) tokens per sample, peak FLOP/s."""
+        return self.estimate_flops_per_token(*tokens) * tokens_per_second / peak_flops
