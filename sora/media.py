@@ -415,7 +415,8 @@ def _encode(path: str, frames: np.ndarray, audio, rate: Fraction, sample_rate: i
     # movie_timescale: edit-list durations in 1/90000 s instead of the default whole milliseconds
     options = {"movflags": "+faststart", "movie_timescale": "90000"}
     with av.open(path, mode="w", format="mp4", options=options) as out:
-        vs = out.add_stream("libx264", rate=rate, options={"crf": "18"})
+        # one x264 thread: frame-threaded x264 gave run-to-run different bytes under load
+        vs = out.add_stream("libx264", rate=rate, options={"crf": "18", "threads": "1"})
         vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         vs.codec_context.time_base = 1 / rate
         ast = None
