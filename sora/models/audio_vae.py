@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from sora.models.distributions import DiagonalGaussian  # re-exported
+
 LOG_EPS = 1e-5
 STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (256, 64, 256))  # (n_fft, hop, win)
 
@@ -85,28 +87,6 @@ class MelSpectrogram(nn.Module):
 # ------------------------------------------------------------------------------------------
 # Audio VAE
 # ------------------------------------------------------------------------------------------
-
-class DiagonalGaussian:
-    """Posterior N(mean, exp(logvar)) from parameters [B, 2C, T] split on channels."""
-
-    def __init__(self, parameters):
-        self.mean, logvar = parameters.chunk(2, dim=1)
-        self.logvar = logvar.clamp(-30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator=None):
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                            dtype=self.mean.dtype)
-        return self.mean + self.std * noise
-
-    def mode(self):
-        return self.mean
-
-    def kl(self):
-        """KL(q || N(0, I)) averaged over channels and time: [B]."""
-        kl = 0.5 * (self.mean ** 2 + self.logvar.exp() - 1.0 - self.logvar)
-        return kl.mean(dim=(1, 2))
-
 
 class ResBlock1d(nn.Module):
     """GroupNorm -> SiLU -> conv3 (x2) with a residual connection."""
@@ -175,7 +155,7 @@ class AudioVAE(nn.Module):
 
     def loss(self, mel, recon, posterior, kl_weight=1e-4):
         l1 = (recon - mel).abs().mean()
-        kl = posterior.kl().mean()
+        kl = posterior.kl(per_element=True).mean()
         return dict(loss=l1 + kl_weight * kl, l1=l1, kl=kl)
 
     def encode_audio(self, wave) -> DiagonalGaussian:

@@ -29,27 +29,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from sora.models.distributions import DiagonalGaussian  # re-exported
+
 TINY_CONFIG = dict(latent_channels=16, base_channels=8, channel_mult=(1, 2, 4), num_res_blocks=1)
-
-
-class DiagonalGaussian:
-    """Posterior N(mean, exp(logvar)) over latents [B, C, t, h, w]."""
-
-    def __init__(self, moments: torch.Tensor):
-        self.mean, logvar = moments.chunk(2, dim=1)
-        self.logvar = logvar.clamp(-30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) summed over all latent elements: one value per sample, [B]."""
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
 
 
 class RMSNorm(nn.Module):
