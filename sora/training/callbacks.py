@@ -1,0 +1,264 @@
+"""Training callbacks: EMA weights, RNG state, throughput, samples, the run's config in each checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class EMA(Callback):
+    """An exponential moving average of the trainable weights, used for validation.
+
+    After every ``every_n_steps``-th optimizer step (once per step under gradient accumulation):
+    ``ema <- d * ema + (1 - d) * weight`` with ``d = decay``, or with ``warmup`` ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates
+    (the average forgets its random start quickly). The average lives on the weights' device,
+    is saved in checkpoints (``checkpoint["callbacks"]["EMA"]``: ``decay``, ``num_updates`` and
+    ``shadow``, a dict keyed by the LightningModule's parameter names) and restored on resume.
+    During validation the EMA weights are swapped into the model and swapped back afterwards.
+    """
+
+    def __init__(self, decay: float = 0.999, every_n_steps: int = 1, warmup: bool = True,
+                 validate_with_ema: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay={decay}: must be in [0, 1)")
+        self.decay, self.every_n_steps, self.warmup = float(decay), int(every_n_steps), bool(warmup)
+        self.validate_with_ema = validate_with_ema
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.num_updates = 0
+        self._loaded: dict | None = None
+        self._swapped = False
+        self._last_step: int | None = None
+
+    @staticmethod
+    def trainable(pl_module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def setup_shadow(self, pl_module: torch.nn.Module) -> None:
+        params = self.trainable(pl_module)
+        if self._loaded is not None:
+            saved = self._loaded["shadow"]
+            missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+            if missing or extra:
+                raise RuntimeError(f"EMA: checkpoint weights do not match the model (missing {missing[:3]}, "
+                                   f"unexpected {extra[:3]})")
+            self.shadow = {n: saved[n].to(device=p.device, dtype=p.dtype).clone() for n, p in params.items()}
+            self._loaded = None
+        else:
+            self.shadow = {n: p.detach().clone() for n, p in params.items()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.setup_shadow(pl_module)
+
+    @torch.no_grad()
+    def update(self, pl_module: torch.nn.Module) -> None:
+        params = self.trainable(pl_module)
+        d = self.current_decay()
+        shadow = [self.shadow[n] for n in params]
+        torch._foreach_lerp_(shadow, [p.detach() for p in params.values()], 1.0 - d)
+        self.num_updates += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimizer steps: unchanged between accumulated micro-batches
+        if self.shadow is None or step == self._last_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        self.update(pl_module)
+
+    # -- swapping for validation ------------------------------------------------------------
+    @torch.no_grad()
+    def swap(self, pl_module: torch.nn.Module) -> None:
+        """Exchange the model's trainable weights with the EMA copy (call twice to undo)."""
+        for n, p in self.trainable(pl_module).items():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[n])
+            self.shadow[n].copy_(tmp)
+        self._swapped = not self._swapped
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.validate_with_ema and self.shadow is not None and not self._swapped:
+            self.swap(pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._swapped:
+            self.swap(pl_module)
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self.shadow is None:
+            return {}
+        if self._swapped:  # saved mid-validation: the shadow holds the live weights right now
+            raise RuntimeError("EMA: checkpoint requested while the EMA weights are swapped in")
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.num_updates = int(state["num_updates"])
+        self._loaded = state
+
+
+log = logging.getLogger(__name__)
+
+
+def _dist() -> tuple[int, int]:
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+class RNGState(Callback):
+    """Saves every rank's global RNGs (torch CPU and CUDA, numpy, python) in checkpoints and puts
+    them back before the first training batch of a resumed run, so that it draws the same tasks,
+    timesteps and noise as an uninterrupted run would have (the data stream resumes on its own).
+
+    Restoring at the first batch rather than at load time skips the draws Lightning and the
+    DataLoader make while starting up (e.g. the loader's base seed).
+    """
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    @staticmethod
+    def capture() -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        name, keys, pos, has_gauss, cached = np.random.get_state()  # plain types: weights_only loads work
+        numpy = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+        return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": numpy, "python": random.getstate()}
+
+    @staticmethod
+    def restore(state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate(state["python"])
+
+    def state_dict(self) -> dict:
+        rank, world = _dist()
+        states = [self.capture()]
+        if world > 1:  # Lightning writes rank 0's copy: it carries every rank's state
+            states = [None] * world
+            torch.distributed.all_gather_object(states, self.capture())
+        return {"world_size": world, "ranks": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank, world = _dist()
+        if state.get("world_size") != world:
+            log.warning("RNGState: the checkpoint has RNG states for %s ranks, this run has %d: not restored",
+                        state.get("world_size"), world)
+            return
+        self._pending = state["ranks"][rank]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            self.restore(self._pending)
+            self._pending = None
+
+
+class Throughput(Callback):
+    """Logs ``perf/samples_per_s`` and ``perf/tokens_per_s`` (mean over the last ``window`` steps).
+
+    Tokens per batch come from ``pl_module.batch_tokens(batch)`` when the module defines it
+    (latent positions for the autoencoders, video + audio tokens for the DiT). When the
+    module also has ``flops_per_token()`` and ``peak_flops`` is given, ``perf/mfu`` too.
+    """
+
+    def __init__(self, window: int = 20, peak_flops: float | None = None):
+        self.window, self.peak_flops = int(window), peak_flops
+        self._times: deque = deque(maxlen=self.window)
+        self._t0 = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is None:
+            return
+        dt = time.perf_counter() - self._t0
+        tokens = pl_module.batch_tokens(batch) if hasattr(pl_module, "batch_tokens") else 0
+        self._times.append((dt, len(batch), tokens))
+        seconds = sum(t for t, _, _ in self._times)
+        samples = sum(n for _, n, _ in self._times) / seconds
+        logs = {"perf/samples_per_s": samples, "perf/step_s": seconds / len(self._times)}
+        if tokens:
+            tps = sum(k for _, _, k in self._times) / seconds
+            logs["perf/tokens_per_s"] = tps
+            if self.peak_flops and hasattr(pl_module, "flops_per_token"):
+                logs["perf/mfu"] = pl_module.flops_per_token() * tps / self.peak_flops
+        pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(batch))
+
+
+class Samples(Callback):
+    """Writes ``<dirpath>/step=<N>-<i>.mp4`` (video with sound) for each prompt at the end of a
+    validation run (with the EMA weights when the EMA callback swaps them in), every
+    ``every_n_steps`` optimizer steps, on rank 0; also to Weights & Biases when that logger is on.
+    Only for modules that generate (``velocity``: the DiT stage); others are left alone.
+    """
+
+    def __init__(self, prompts: list[str], dirpath: str, every_n_steps: int = 1, steps: int = 20,
+                 guidance: float = 4.0, sampler: str = "euler", shift: float = 1.0, seed: int = 0,
+                 size: list[int] | None = None):
+        self.prompts, self.dirpath, self.every_n_steps = list(prompts), dirpath, int(every_n_steps)
+        self.steps, self.guidance, self.sampler, self.shift = steps, guidance, sampler, shift
+        self.seed, self.size = seed, size
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if (trainer.sanity_checking or not trainer.is_global_zero or not hasattr(pl_module, "velocity")
+                or step % self.every_n_steps):
+            return
+        from pathlib import Path
+
+        from sora.media import write_av
+        from sora.training.sampling import generate
+
+        tl = pl_module.timeline
+        size = self.size or getattr(self, "_size", None)
+        if size is None:
+            raise ValueError("Samples: give size=[H, W] (the frame size to generate)")
+        out = Path(self.dirpath)
+        out.mkdir(parents=True, exist_ok=True)
+        was_training = pl_module.training
+        pl_module.eval()
+        paths = []
+        for i, prompt in enumerate(self.prompts):
+            frames, audio, _ = generate(pl_module, tl, prompt, "", size, self.steps, self.guidance, self.sampler,
+                                        self.shift, self.seed + i, "vocoder")
+            paths.append(out / f"step={step}-{i}.mp4")
+            write_av(paths[-1], frames, audio, fps=float(tl.fps_q), sample_rate=tl.sample_rate)
+        pl_module.train(was_training)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                videos = [wandb.Video(str(p), caption=c) for p, c in zip(paths, self.prompts)]
+                logger.experiment.log({"samples": videos, "trainer/global_step": step})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.size is None and hasattr(batch, "video"):
+            self._size = list(batch.video.shape[-2:])  # the training frame size
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the run's resolved config (a plain dict) in every checkpoint as ``checkpoint["sora_config"]``,
+    so a checkpoint alone is enough to rebuild its model (``sora-sample``)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["sora_config"] = self.config

@@ -1,0 +1,220 @@
+"""LightningModule for the joint stage: the AV diffusion transformer on frozen VAE latents.
+
+Each ClipBatch is encoded on the fly: video -> ``VideoVAE`` posterior mode, audio (mono) ->
+log-mel -> ``AudioVAE`` posterior mode. Latents are standardised per modality with a shift and
+scale (fixed in the config, or measured on the first batch and kept in the checkpoint). Then
+rectified flow (:mod:`sora.diffusion.flow`): a task per sample (t2av, v2a, a2v, continuation),
+a logit-normal timestep per modality, caption dropout for classifier-free guidance, and the
+velocity loss per modality over the generated tokens (``train/loss_video``,
+``train/loss_audio``). Validation: text-to-AV loss at fixed timesteps with fixed noise.
+Rotary positions come from the timing contract (token times in seconds).
+
+The frozen autoencoders (and the vocoder) are part of this module's state, so a DiT checkpoint
+alone is enough to sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from sora.diffusion.flow import (TaskTimesteps, drop_captions, drop_text, flow_loss, interpolate,
+                                 logit_normal_timesteps, sample_task, shift_timesteps, timesteps_for_tasks)
+from sora.models.audio_vae import AudioVAE, Vocoder
+from sora.models.dit import AVDiT
+from sora.models.video_vae import VideoVAE
+from sora.timeline import Timeline
+from sora.training.autoencoders import mono
+from sora.training.optim import adamw_with_schedule
+
+log = logging.getLogger(__name__)
+MODALITIES = ("video", "audio")
+
+
+def stage_weights(path: str, prefix: str, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Weights under ``prefix`` (e.g. ``"vae."``) from a Lightning checkpoint of an earlier stage,
+    with the prefix removed; its EMA weights (``callbacks["EMA"]["shadow"]``) when present and
+    ``use_ema``. The checkpoint is a trusted file of this project (``torch.load(weights_only=False)``)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = dict(ckpt.get("state_dict", ckpt))
+    ema = (ckpt.get("callbacks") or {}).get("EMA") or {}
+    if use_ema and ema.get("shadow"):
+        state.update(ema["shadow"])
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not sub:
+        raise ValueError(f"{path}: no weights under {prefix!r}; is it a checkpoint of the right stage?")
+    return sub
+
+
+def load_frozen(module: nn.Module, path: str | None, prefix: str, what: str, use_ema: bool = True) -> nn.Module:
+    if path is None:
+        log.warning("%s: no checkpoint given, randomly initialised (only meaningful in tests)", what)
+    else:
+        try:
+            module.load_state_dict(stage_weights(str(path), prefix, use_ema))
+        except RuntimeError as e:
+            raise ValueError(f"{what}: the checkpoint {path} does not fit the configured architecture: "
+                             f"{' '.join(str(e).split())[:400]}") from e
+    return module.eval().requires_grad_(False)
+
+
+class DiTModule(L.LightningModule):
+    """The DiT stage. ``video_vae`` / ``audio_vae`` / ``vocoder`` are built from the config and get
+    their weights from ``video_vae_ckpt`` / ``audio_vae_ckpt`` (Lightning checkpoints of the
+    autoencoder stages, EMA weights when ``use_ema``); a null path leaves them random (tests only,
+    warned). ``task_probs`` / ``timestep_*`` / ``text_drop_prob`` drive :mod:`sora.diffusion.flow`;
+    ``latent_shift`` / ``latent_scale`` per modality (null: measured on the first batch).
+    """
+
+    def __init__(self, dit: AVDiT, text_encoder: nn.Module, video_vae: VideoVAE, audio_vae: AudioVAE,
+                 timeline: Timeline, video_vae_ckpt: str | None = None, audio_vae_ckpt: str | None = None,
+                 vocoder: Vocoder | None = None, use_ema: bool = True, train_text_encoder: bool = True,
+                 lr: float = 1e-4, weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.95),
+                 warmup_steps: int = 1000, total_steps: int | None = None, schedule: str = "constant",
+                 min_lr_ratio: float = 0.1, task_probs: Mapping[str, float] | None = None,
+                 timestep_mean: float = 0.0, timestep_std: float = 1.0, timestep_shift: float = 1.0,
+                 independent_timesteps: bool = True, text_drop_prob: float = 0.1,
+                 loss_weights: Mapping[str, float] | None = None,
+                 latent_shift: Mapping[str, float | None] | None = None,
+                 latent_scale: Mapping[str, float | None] | None = None,
+                 val_timesteps: Sequence[float] = (0.25, 0.5, 0.75), val_seed: int = 0):
+        super().__init__()
+        self.dit, self.text_encoder = dit, text_encoder
+        self.video_vae = load_frozen(video_vae, video_vae_ckpt, "vae.", "video_vae", use_ema)
+        self.audio_vae = load_frozen(audio_vae, audio_vae_ckpt, "vae.", "audio_vae", use_ema)
+        self.vocoder = None if vocoder is None else load_frozen(vocoder, audio_vae_ckpt, "vocoder.", "vocoder",
+                                                                 use_ema)
+        if not train_text_encoder:
+            self.text_encoder.requires_grad_(False)
+        self.timeline = timeline
+        if video_vae.temporal_stride != timeline.vae_time_stride or audio_vae.stride != timeline.audio_latent_stride:
+            raise ValueError(f"the VAEs' strides (video {video_vae.temporal_stride}, audio {audio_vae.stride}) differ "
+                             f"from the timeline's ({timeline.vae_time_stride}, {timeline.audio_latent_stride})")
+        self.register_buffer("video_times", torch.from_numpy(timeline.video_token_times()), persistent=False)
+        self.register_buffer("audio_times", torch.from_numpy(timeline.audio_token_times()), persistent=False)
+        # per modality (shift, scale); NaN = measured on the first batch; saved with the weights
+        for m in MODALITIES:
+            shift, scale = (latent_shift or {}).get(m), (latent_scale or {}).get(m)
+            stats = torch.tensor([math.nan if shift is None else shift, math.nan if scale is None else scale])
+            self.register_buffer(f"{m}_latent_stats", stats)
+        self.optim = dict(lr=float(lr), weight_decay=float(weight_decay), betas=tuple(float(b) for b in betas),
+                          warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
+                          min_lr_ratio=min_lr_ratio)
+        self.task_probs = dict(task_probs) if task_probs is not None else None
+        self.timestep_mean, self.timestep_std, self.timestep_shift = timestep_mean, timestep_std, timestep_shift
+        self.independent_timesteps, self.text_drop_prob = independent_timesteps, text_drop_prob
+        self.loss_weights = {"video": 1.0, "audio": 1.0, **dict(loss_weights or {})}
+        self.val_timesteps, self.val_seed = tuple(float(t) for t in val_timesteps), int(val_seed)
+        self._tokens = (0, 0, 0)  # (video, audio, text) tokens per sample of the last training batch
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in (self.video_vae, self.audio_vae, self.vocoder):
+            if m is not None:
+                m.eval()  # frozen: always in inference mode
+        return self
+
+    # -- latents --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, batch) -> dict[str, torch.Tensor]:
+        """Raw VAE latents: video [B, Cv, T', h, w], audio [B, Ca, L] (posterior modes)."""
+        z = {"video": self.video_vae.encode(batch.video).mode(),
+             "audio": self.audio_vae.encode_audio(mono(batch.audio)).mode()}
+        tl = self.timeline
+        if z["video"].shape[2] != tl.video_latent_steps or z["audio"].shape[2] != tl.audio_latent_steps:
+            raise ValueError(f"latents have {z['video'].shape[2]} video / {z['audio'].shape[2]} audio steps, the "
+                             f"timeline {tl.video_latent_steps} / {tl.audio_latent_steps}: the batch's clip length "
+                             f"differs from timeline.seconds={tl.seconds}")
+        return z
+
+    def normalize(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for m, x in z.items():
+            stats = getattr(self, f"{m}_latent_stats")
+            if torch.isnan(stats).any():  # first batch: measure (averaged over ranks)
+                measured = torch.stack([x.float().mean(), x.float().std().clamp(min=1e-6).reciprocal()])
+                if self._trainer is not None:
+                    measured = self.trainer.strategy.reduce(measured, reduce_op="mean")
+                stats.copy_(torch.where(torch.isnan(stats), measured.to(stats), stats))
+                log.info("%s latents: shift %.4g, scale %.4g", m, float(stats[0]), float(stats[1]))
+            out[m] = (x - stats[0].to(x.dtype)) * stats[1].to(x.dtype)
+        return out
+
+    def denormalize(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: x / getattr(self, f"{m}_latent_stats")[1].to(x.dtype) + getattr(self, f"{m}_latent_stats")[0]
+                .to(x.dtype) for m, x in z.items()}
+
+    # -- the model function -------------------------------------------------------------------
+    def velocity(self, x: dict, t: dict, text: torch.Tensor, text_mask: torch.Tensor) -> dict:
+        """``x`` {video, audio} latents, ``t`` {video, audio} [B] -> velocities, same structure."""
+        vv, va = self.dit(x["video"], x["audio"], text, text_mask, t["video"], t["audio"], self.video_times,
+                          self.audio_times)
+        return {"video": vv, "audio": va}
+
+    def losses(self, z, noise, tt, text, text_mask) -> dict[str, torch.Tensor]:
+        x = {"video": interpolate(z["video"], noise["video"], tt.video_token_t, tt.clean_video),
+             "audio": interpolate(z["audio"], noise["audio"], tt.audio_token_t, tt.clean_audio)}
+        v = self.velocity(x, {"video": tt.t_video, "audio": tt.t_audio}, text, text_mask)
+        out = {"loss_video": flow_loss(v["video"], z["video"], noise["video"], clean_mask=tt.clean_video),
+               "loss_audio": flow_loss(v["audio"], z["audio"], noise["audio"], clean_mask=tt.clean_audio)}
+        out["loss"] = sum(self.loss_weights[m] * out[f"loss_{m}"] for m in MODALITIES)
+        return out
+
+    def training_step(self, batch, batch_idx):
+        z = self.normalize(self.encode(batch))
+        b, device = len(batch), z["video"].device
+        captions = drop_captions(batch.captions, drop_text(b, self.text_drop_prob))
+        text, text_mask = self.text_encoder(captions)
+        _, _, t_, h_, w_ = z["video"].shape
+        p = self.dit.patch_size
+        self._tokens = (t_ * (h_ // p) * (w_ // p), z["audio"].shape[2], text.shape[1])
+        tasks = sample_task(b, self.task_probs).to(device)
+        t = logit_normal_timesteps(b, self.timestep_mean, self.timestep_std, device=device)
+        ta = logit_normal_timesteps(b, self.timestep_mean, self.timestep_std, device=device) \
+            if self.independent_timesteps else t.clone()
+        t, ta = shift_timesteps(t, self.timestep_shift), shift_timesteps(ta, self.timestep_shift)
+        tt = timesteps_for_tasks(tasks, t, ta, z["video"].shape[2], z["audio"].shape[2])
+        noise = {m: torch.randn_like(x) for m, x in z.items()}
+        out = self.losses(z, noise, tt, text, text_mask)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=b)
+        self.log("train/loss", out["loss"].detach(), batch_size=b, prog_bar=True)
+        return out["loss"]
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        z = self.normalize(self.encode(batch))
+        b, device = len(batch), z["video"].device
+        text, text_mask = self.text_encoder(list(batch.captions))
+        gen = torch.Generator().manual_seed(self.val_seed * 100003 + batch_idx)
+        noise = {m: torch.randn(x.shape, generator=gen).to(x) for m, x in z.items()}
+        totals = {"loss_video": 0.0, "loss_audio": 0.0}
+        for tv in self.val_timesteps:
+            t = torch.full((b,), tv, device=device)
+            clean = {m: torch.zeros(b, x.shape[2], dtype=torch.bool, device=device) for m, x in z.items()}
+            out = self.losses(z, noise, TaskTimesteps(t, t, clean["video"], clean["audio"]), text, text_mask)
+            self.log_dict({f"val/{k}_t{tv:.2f}": out[k] for k in totals}, batch_size=b)
+            for k in totals:
+                totals[k] = totals[k] + out[k] / len(self.val_timesteps)
+        totals["loss"] = sum(self.loss_weights[m] * totals[f"loss_{m}"] for m in MODALITIES)
+        self.log_dict({f"val/{k}": v for k, v in totals.items()}, batch_size=b, prog_bar=True)
+
+    def configure_optimizers(self):
+        o = dict(self.optim)
+        if o["total_steps"] is None and self._trainer is not None and (self.trainer.max_steps or 0) > 0:
+            o["total_steps"] = self.trainer.max_steps
+        return adamw_with_schedule(self.parameters(), **o)
+
+    # -- accounting ------------------------------------------------------------------------------
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token of the last training batch's sizes (for ``perf/mfu``)."""
+        return self.dit.estimate_flops_per_token(*self._tokens)
+
+    def batch_tokens(self, batch) -> int:
+        _, _, t, h, w = self.video_vae.latent_shape(batch.video.shape)
+        p = self.dit.patch_size
+        return (t * (h // p) * (w // p) + self.timeline.audio_latent_steps) * len(batch)

@@ -1,0 +1,52 @@
+"""AdamW with a linear warm-up, then cosine decay or a constant rate (``LambdaLR``, per step)."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Iterable
+
+import torch
+
+SCHEDULES = ("cosine", "constant")
+
+
+def lr_factor(step: int, warmup_steps: int = 0, total_steps: int | None = None, schedule: str = "cosine",
+              min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps (so step 0 already
+    moves the weights). Then ``constant``: 1; ``cosine``: from 1 down to ``min_lr_ratio`` at
+    ``total_steps`` (and held there after), following half a cosine. Cosine without
+    ``total_steps`` is constant.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: choose from {SCHEDULES}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or not total_steps or total_steps <= 0:
+        return 1.0
+    progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
+                        betas=(0.9, 0.99), warmup_steps: int = 0, total_steps: int | None = None,
+                        schedule: str = "cosine", min_lr_ratio: float = 0.0) -> dict:
+    """The ``configure_optimizers`` return value: AdamW and its per-step ``LambdaLR``.
+
+    Parameters of one dimension (norm gains, biases) get no weight decay.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    fn = partial(lr_factor, warmup_steps=int(warmup_steps), total_steps=total_steps, schedule=schedule,
+                 min_lr_ratio=float(min_lr_ratio))
+    fn(0)  # a bad schedule name fails here, not at the first step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
