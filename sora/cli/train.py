@@ -75,6 +75,10 @@ def train(cfg: DictConfig) -> dict:
     model = build(cfg.model, "model")
     callbacks = named(cfg.get("callbacks"), "callbacks")
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
+    if cfg.trainer.get("enable_progress_bar", True):
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
     loggers = named(cfg.get("logger"), "logger")
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     t0 = time.perf_counter()
