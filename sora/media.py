@@ -37,7 +37,8 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-__all__ = ["AVClip", "AVInfo", "MediaError", "probe_av", "read_av", "write_av", "write_image"]
+__all__ = ["AVClip", "AVInfo", "AudioInfo", "MediaError", "probe_av", "read_audio", "read_av", "write_av",
+           "write_image"]
 
 VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m4v")  # containers the project reads
 _WARMUP = 0.05  # seconds of audio resampled before the clip: the resampler's filter settles there
@@ -360,6 +361,67 @@ def _decode(container, vs, ast, t0, info, start, end, fps, size, sample_rate, ch
         emit_until(last_end)
     placer.flush()
     return frames, first_t, last_end, hit_eof, placer
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """The audio stream :func:`read_audio` decoded: native rate / channels, seconds returned."""
+
+    sample_rate: int
+    channels: int
+    duration: float
+    has_video: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_audio(src, sample_rate: int = 16000, channels: int = 1, start: float = 0.0,
+               duration: float | None = None) -> tuple[np.ndarray, AudioInfo]:
+    """Decode the first audio stream of `src` (path or bytes; a wav / flac / mp3 / ogg file, or the
+    audio track of a video file) -> (audio float32 [channels, N] in [-1, 1] at `sample_rate`, info).
+
+    The time axis is the *audio stream's own*: time zero is its start time (0 when the header has
+    none), whatever a video stream in the same file does; samples are placed by pts and resampled
+    exactly as :func:`read_av` does (edit lists / skip samples honoured, gaps kept as zeros).
+    ``duration=None`` reads to the end of the stream (N = the decoded length), otherwise N is
+    ``round(duration * sample_rate)``, zero-padded past the end. Raises MediaError for an
+    unreadable file or one without audio."""
+    if start < 0 or (duration is not None and duration < 0):
+        raise ValueError(f"start and duration must be >= 0, got start={start} duration={duration}")
+    if sample_rate <= 0 or channels < 1:
+        raise ValueError(f"bad sample_rate={sample_rate} / channels={channels}")
+    name, container = _open(src)
+    try:
+        if not container.streams.audio:
+            raise MediaError(f"{name}: no audio stream")
+        ast = container.streams.audio[0]
+        zero = (_seconds(ast.start_time, ast.time_base) or 0.0) + start
+        limit = math.inf if duration is None else round(duration * sample_rate)
+        if ast.duration and ast.start_time is not None:  # whole codec frames decode: keep the declared length
+            limit = min(limit, round((float((ast.start_time + ast.duration) * ast.time_base) - zero) * sample_rate))
+        placer = _AudioPlacer(sample_rate, channels, zero=zero, limit=limit)
+        done = False
+        for packet in container.demux(ast):
+            for frame in packet.decode():
+                placer.push(frame)
+                t = None if frame.pts is None else float(frame.pts * frame.time_base)
+                done = done or (duration is not None and t is not None and t >= zero + duration)
+            if done:
+                break
+        placer.flush()
+        n = round(duration * sample_rate) if duration is not None else \
+            min(max((a + x.shape[1] for a, x in placer.pieces), default=0), limit)
+        if n <= 0 and duration is None:
+            raise MediaError(f"{name}: no decodable audio")
+        audio, _ = placer.render(n)
+        cc = ast.codec_context
+        return audio, AudioInfo(sample_rate=cc.sample_rate or 0, channels=cc.channels or 0,
+                                duration=n / sample_rate, has_video=bool(container.streams.video))
+    except av.FFmpegError as e:
+        raise MediaError(f"{name}: cannot decode ({_one_line(e)})") from None
+    finally:
+        container.close()
 
 
 # ----------------------------------------------------------------------------- writing

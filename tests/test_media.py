@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from sora.media import AVClip, AVInfo, MediaError, probe_av, read_av, write_av
+from sora.media import AVClip, AVInfo, MediaError, probe_av, read_audio, read_av, write_av
 
 SR = 16000
 H, W = 48, 64
@@ -381,3 +381,40 @@ def test_write_image_round_trip(tmp_path):
     np.testing.assert_array_equal(back, img)
     with pytest.raises(ValueError, match="uint8"):
         write_image(tmp_path / "y.png", img.astype(np.float32))
+
+
+def write_wav(path, audio: np.ndarray, sr: int) -> None:
+    """int16 PCM wav of float [C, N] audio."""
+    layout = {1: "mono", 2: "stereo"}[audio.shape[0]]
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("pcm_s16le", rate=sr, layout=layout)
+        f = av.AudioFrame.from_ndarray((audio.T.reshape(1, -1) * 32767).round().astype(np.int16), format="s16",
+                                       layout=layout)
+        f.sample_rate, f.pts = sr, 0
+        out.mux(s.encode(f))
+        out.mux(s.encode(None))
+
+
+def test_read_audio_reads_wav_and_the_audio_track_of_an_mp4(tmp_path):
+    sr = 22050
+    left = beep(sr, at=sr // 2, sr=sr)  # a burst at 0.5 s in the left channel, silence on the right
+    wav = tmp_path / "a.wav"
+    write_wav(wav, np.stack([left, np.zeros_like(left)]), sr)
+    audio, info = read_audio(wav)  # 16 kHz mono: channel mean, resampled, placed by pts
+    assert audio.dtype == np.float32 and audio.shape == (1, SR)
+    assert (info.sample_rate, info.channels, info.duration, info.has_video) == (sr, 2, 1.0, False)
+    assert abs(onset(audio[0], 0.1) - SR // 2) <= 2 and abs(np.abs(audio).max() - 0.25) < 0.02
+    stereo, _ = read_audio(wav, sample_rate=sr, channels=2)
+    assert np.abs(stereo - np.stack([left, np.zeros_like(left)])).max() < 1e-3
+    cut, info = read_audio(wav, start=0.25, duration=2.0)  # window: zero-padded past the end
+    assert cut.shape == (1, 2 * SR) and abs(onset(cut[0], 0.1) - SR // 4) <= 2 and not cut[0, 13000:].any()
+    # the audio track of an mp4 (AAC priming skipped via the edit list; the declared length kept)
+    mp4 = tmp_path / "v.mp4"
+    write_av(mp4, gray_frames([100] * 9), beep(18000, at=8000)[None], fps=8, sample_rate=SR)
+    audio, info = read_audio(mp4)
+    assert audio.shape == (1, 18000) and info.has_video and abs(onset(audio[0]) - 8000) <= 32
+    with pytest.raises(MediaError, match="no audio stream"):
+        write_av(tmp_path / "mute.mp4", gray_frames([0, 0]), None, fps=8, sample_rate=SR)
+        read_audio(tmp_path / "mute.mp4")
+    with pytest.raises(MediaError, match="no such file"):
+        read_audio(tmp_path / "none.wav")
