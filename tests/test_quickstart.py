@@ -71,15 +71,46 @@ def test_mixed_folder_to_shards_to_batches(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    proc = _cli("-m", "sora.cli.demo", f"out_dir={tmp_path / 'demo'}", "world.clips=8", "world.seconds=2",
-                "timeline.seconds=1", "data.train.batch_size=2", "preview_batches=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "demo" / "preview.json").read_text())
+    """`sora-demo` at a tiny size: data preview + sync check, the three training stages, sora-sample, report."""
+    run = tmp_path / "demo"
+    prompts = ["a red ball bounces", "two balls, a blue one"]
+    proc = _cli("-m", "sora.cli.demo", f"run_dir={run}", "world.clips=8", "world.seconds=2", "timeline.seconds=1",
+                "data.train.batch_size=2", "preview_batches=2", "steps=3",
+                'train_overrides=["data.num_workers=0","trainer.log_every_n_steps=1"]',
+                "sample.prompts=[" + ",".join(f'"{p}"' for p in prompts) + "]", "sample.seconds=1", "sample.steps=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+
+    summary = json.loads((run / "preview.json").read_text())  # 1. the data check
     assert summary["clips"] == 4 and summary["video"] == [2, 3, 25, 64, 64] and summary["audio"] == [2, 1, 16000]
     assert summary["sync_impacts"] > 0 and summary["sync_error_ms_max"] < 1000 / 24
-    assert (tmp_path / "demo" / "preview.png").read_bytes()[:4] == b"\x89PNG"
-    from sora.media import probe_av
+    assert "audio-video sync" in out
 
-    info = probe_av(tmp_path / "demo" / "preview.mp4")
-    assert info.has_audio and abs(info.duration - 4 * 25 / 24) < 0.05
-    assert "audio-video sync" in proc.stdout
+    for stage in ("video_vae", "audio_vae", "dit"):  # 2. the stages, each printed as its command
+        assert f"$ sora-train experiment=quickstart/{stage} hydra.run.dir={run / stage} trainer.max_steps=3" in out
+        assert (run / stage / "checkpoints" / "last.ckpt").is_file()
+        assert f"[{stage}] 3 steps in" in out
+    assert f"model.video_vae_ckpt={run / 'video_vae' / 'checkpoints' / 'last.ckpt'}" in out
+    assert out.count(f"$ sora-sample ckpt={run / 'dit' / 'checkpoints' / 'last.ckpt'}") == len(prompts)
+
+    from sora.media import probe_av  # 3. samples: both streams, the asked 1 s (9 frames at 8 fps)
+
+    mp4s = sorted((run / "samples").glob("*.mp4"))
+    assert len(mp4s) == len(prompts)
+    for mp4 in mp4s:
+        info = probe_av(mp4)
+        assert info.has_audio and info.num_frames == 9 and (info.width, info.height) == (32, 32)
+        assert 1.0 - 0.01 <= info.duration <= 1.0 + 1 / 8 + 0.01
+        assert 1.0 - 0.01 <= info.audio_duration <= 1.0 + 1 / 8 + 0.01
+
+    report = (run / "report.md").read_text()  # 4. the report, its pictures and links
+    for png in ("preview.png", "plots/video_vae.png", "plots/audio_vae.png", "plots/dit.png", "plots/samples.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG", png
+        assert f"({png})" in report, png
+    for mp4 in mp4s:
+        assert f"(samples/{mp4.name})" in report
+    for text in ("sora-train experiment=quickstart/dit", "sora-sample ckpt=", "val PSNR", "val mel L1", "val loss"):
+        assert text in report, text
+    assert "[report]" in out
+    results = json.loads((run / "report.json").read_text())
+    assert [s["name"] for s in results["stages"]] == ["video_vae", "audio_vae", "dit"]

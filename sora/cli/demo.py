@@ -1,16 +1,26 @@
-"""`sora-demo` / `make demo`: the quickstart.
+"""`sora-demo run_dir=DIR` / `make demo`: the whole quickstart in one command.
 
-Until the models land this runs the data half of the pipeline on the procedural world:
-world clips -> webdataset shards -> the streaming pipeline -> decoded batches, and writes a
-preview a person can check: ``preview.mp4`` (the batch's clips one after another, with their
-sound) and ``preview.png`` (a contact sheet), plus the measured audio-video sync of the decoded
-clips against the world's ground-truth impact times.
+1. data: world clips -> webdataset shards -> the streaming pipeline -> decoded batches, with a
+   preview a person can check (``preview.mp4`` with sound, ``preview.png``) and the measured
+   audio-video sync of the decoded clips against the world's ground-truth impact times;
+2. train the video VAE, the audio VAE + vocoder, then the DiT on their checkpoints
+   (``sora-train experiment=quickstart/<stage> hydra.run.dir=DIR/<stage>``, each a subprocess);
+3. sample the prompts with ``sora-sample`` into ``DIR/samples/*.mp4``;
+4. ``DIR/report.md``: loss plots, a contact sheet of the samples, time and metrics per stage, and
+   each stage's command, which is also printed as the stage starts.
+
+``steps=N`` sets every stage's training steps (tests: ``steps=3``); ``stages.<name>.steps`` one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 import time
 from itertools import islice
 from pathlib import Path
@@ -18,7 +28,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sora.data.pipeline import ClipBatch
@@ -76,15 +86,12 @@ def make_world_shards(cfg: DictConfig, shards: Path) -> None:
 
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")  # absolute: works from any directory
+QUIET = ["trainer.enable_progress_bar=false"]  # the child's log is a file
 
 
-@hydra.main(config_path=CONFIGS, config_name="demo", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    instantiate(cfg.timeline)  # a bad timing config fails here, before any work
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def preview(cfg: DictConfig, out: Path) -> dict:
+    """Stage 1: shards -> pipeline -> decoded batches; preview.mp4/png/json and the sync check."""
     make_world_shards(cfg, out / "shards")
-
     datamodule = instantiate(cfg.data)
     loader = datamodule.train_dataloader()
     batches, t0 = [], time.perf_counter()
@@ -117,7 +124,138 @@ def main(cfg: DictConfig) -> None:
           f"{summary['sync_error_ms_median']} ms, max {summary['sync_error_ms_max']} ms "
           f"(one frame = {1000 / first.fps:.1f} ms)")
     print("captions:", *summary["captions"][:4], sep="\n  ")
-    print(f"wrote {out / 'preview.mp4'}, {out / 'preview.png'}, {out / 'preview.json'}")
+    print(f"wrote {out / 'preview.mp4'}, {out / 'preview.png'}, {out / 'preview.json'}", flush=True)
+    return summary
+
+
+def run_logged(prog: str, module: str, args: list[str], log_path: Path) -> tuple[float, str]:
+    """Print the equivalent command, run ``python -m module args`` with its output in ``log_path``."""
+    command = shlex.join([prog, *args])
+    print(f"\n$ {command}", flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        code = subprocess.run([sys.executable, "-m", module, *args], stdout=log_file, stderr=subprocess.STDOUT,
+                              env=env).returncode
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        print(*tail, sep="\n", file=sys.stderr)
+        raise SystemExit(f"sora-demo: `{command}` failed (exit {code}); its log: {log_path}")
+    return seconds, command
+
+
+def train_stage(cfg: DictConfig, name: str, out: Path, extra: list[str]) -> dict:
+    stage = cfg.stages[name]
+    steps = int(cfg.steps if cfg.steps is not None else stage.steps)
+    val_every = max(1, min(int(stage.val_every), steps))
+    args = [f"experiment={stage.experiment}", f"hydra.run.dir={out / name}", f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={val_every}", f"callbacks.model_checkpoint.every_n_train_steps={steps}",
+            *extra, *cfg.train_overrides, *stage.overrides, *QUIET]
+    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run: no stale last.ckpt (Lightning would write last-v1)
+    seconds, command = run_logged("sora-train", "sora.cli.train", args, out / "logs" / f"{name}.log")
+    return {"name": name, "steps": steps, "seconds": seconds, "command": command, "run_dir": out / name}
+
+
+# (label, CSV key, window) of the numbers the report quotes per stage: start -> end
+STAGE_METRICS = {
+    "video_vae": [("train loss", "train/loss", 10), ("val PSNR (dB)", "val/psnr", 1), ("val L1", "val/l1", 1)],
+    "audio_vae": [("train loss", "train/loss", 10), ("val mel L1", "val/mel_l1", 1),
+                  ("val vocoder mel L1", "val/vocoder_mel_l1", 1)],
+    "dit": [("train loss", "train/loss", 10), ("val loss", "val/loss", 1), ("val loss video", "val/loss_video", 1),
+            ("val loss audio", "val/loss_audio", 1)],
+}
+PLOT_VAL = {"video_vae": ["val/psnr"], "audio_vae": ["val/mel_l1", "val/vocoder_mel_l1"],
+            "dit": ["val/loss", "val/loss_video", "val/loss_audio"]}
+
+
+def summarize_stage(stage: dict, plots: Path) -> None:
+    """Adds the stage's plot and start -> end metrics from its CSV log, and prints its one-line result."""
+    from sora.evaluation.report import first_last, plot_losses, read_metrics
+
+    name = stage["name"]
+    series = read_metrics(stage["run_dir"])
+    stage["metrics"] = []
+    for label, key, window in STAGE_METRICS.get(name, [("train loss", "train/loss", 10)]):
+        ends = first_last(series, key, window)
+        if ends:
+            span = f"step {ends[0][0]} → {ends[1][0]}" + (f", mean of {window} logs" if window > 1 else "")
+            stage["metrics"].append((f"{label} ({span})", ends[0][1], ends[1][1]))
+    plots.mkdir(parents=True, exist_ok=True)
+    stage["plot"] = plot_losses(series, name, plots / f"{name}.png", PLOT_VAL.get(name)) if series else None
+    shown = ", ".join(f"{label.split(' (')[0]} {a:.4g} → {b:.4g}" for label, a, b in stage["metrics"][:2])
+    print(f"[{name}] {stage['steps']} steps in {stage['seconds']:.1f} s: {shown or 'no metrics logged'}; "
+          f"checkpoint {stage['run_dir'] / 'checkpoints' / 'last.ckpt'}", flush=True)
+
+
+def slug(text: str, n: int = 32) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:n].strip("-") or "sample"
+
+
+def sample_prompts(cfg: DictConfig, out: Path, ckpt: Path) -> list[dict]:
+    from sora.media import probe_av
+
+    samples = []
+    for i, prompt in enumerate(cfg.sample.prompts):
+        path = out / "samples" / f"{i}-{slug(prompt)}.mp4"
+        quoted = prompt.replace("\\", "\\\\").replace('"', '\\"')
+        args = [f"ckpt={ckpt}", f'prompt="{quoted}"', f"seconds={cfg.sample.seconds}", f"out={path}",
+                f"steps={cfg.sample.steps}", f"guidance={cfg.sample.guidance}", f"seed={cfg.seed + i}"]
+        seconds, command = run_logged("sora-sample", "sora.cli.sample", args, out / "logs" / f"sample-{i}.log")
+        info = probe_av(path)
+        samples.append({"prompt": prompt, "path": path, "command": command, "seconds": seconds,
+                        "duration": info.duration, "audio_duration": info.audio_duration})
+        print(f"[sample {i}] {path}: {info.num_frames} frames {info.width}x{info.height}, video "
+              f"{info.duration:.2f} s, audio {info.audio_duration:.2f} s ({seconds:.1f} s)", flush=True)
+    return samples
+
+
+@hydra.main(config_path=CONFIGS, config_name="demo", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    from sora.evaluation.report import sample_sheet, write_report
+
+    instantiate(cfg.timeline)  # a bad timing config fails here, before any work
+    out = Path(cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    print(f"== 1/4 data: world shards -> pipeline -> preview ({out})", flush=True)
+    summary = preview(cfg, out)
+    print(f"[data] {summary['clips']} clips, sync |error| max {summary['sync_error_ms_max']} ms "
+          f"({time.perf_counter() - t_start:.1f} s)", flush=True)
+
+    print("\n== 2/4 training: video VAE, audio VAE + vocoder, DiT", flush=True)
+    stages = []
+    for name in ("video_vae", "audio_vae", "dit"):
+        extra = []
+        if name == "dit":
+            extra = [f"model.video_vae_ckpt={out / 'video_vae' / 'checkpoints' / 'last.ckpt'}",
+                     f"model.audio_vae_ckpt={out / 'audio_vae' / 'checkpoints' / 'last.ckpt'}"]
+        stages.append(train_stage(cfg, name, out, extra))
+        summarize_stage(stages[-1], out / "plots")
+
+    print("\n== 3/4 sampling", flush=True)
+    samples = sample_prompts(cfg, out, out / "dit" / "checkpoints" / "last.ckpt")
+
+    print("\n== 4/4 report", flush=True)
+    sheet = out / "plots" / "samples.png"
+    write_image(sheet, sample_sheet([s["path"] for s in samples]))
+    report = write_report(out / "report.md", preview=summary, stages=stages, samples=samples, sheet=sheet,
+                          total_seconds=time.perf_counter() - t_start)
+    OmegaConf.save(cfg, out / "demo_config.yaml")
+    results = {"preview": summary, "seconds": round(time.perf_counter() - t_start, 1),
+               "stages": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in stages],
+               "samples": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in samples]}
+    (out / "report.json").write_text(json.dumps(results, indent=2))
+    print(f"[report] {report} ({len(stages)} loss plots, {sheet.name}, {len(samples)} samples); "
+          f"whole quickstart {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+def main() -> None:
+    from sora.cli.train import check_overrides
+
+    check_overrides(sys.argv[1:], config="demo", prog="sora-demo")
+    hydra_main()
 
 
 if __name__ == "__main__":
