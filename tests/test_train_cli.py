@@ -134,3 +134,8 @@ def test_bad_config_fails_in_one_line_naming_the_key(tmp_path):
     assert "\n" not in str(e.value)
     proc = _train(tmp_path / "c", "experiment=quickstart/video_vae", "ckpt_path=last")
     assert proc.returncode != 0 and "no checkpoint at" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    _ok(_train(tmp_path / "tb", "experiment=quickstart/video_vae", "logger=tensorboard", "trainer.max_steps=2"))
+    assert list((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*"))
