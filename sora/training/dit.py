@@ -31,6 +31,7 @@ from sora.models.video_vae import VideoVAE
 from sora.timeline import Timeline
 from sora.training.autoencoders import mono
 from sora.training.optim import adamw_with_schedule
+from sora.training.strategies import parallelize_dit
 
 log = logging.getLogger(__name__)
 MODALITIES = ("video", "audio")
@@ -82,9 +83,11 @@ class DiTModule(L.LightningModule):
                  loss_weights: Mapping[str, float] | None = None,
                  latent_shift: Mapping[str, float | None] | None = None,
                  latent_scale: Mapping[str, float | None] | None = None,
-                 val_timesteps: Sequence[float] = (0.25, 0.5, 0.75), val_seed: int = 0):
+                 val_timesteps: Sequence[float] = (0.25, 0.5, 0.75), val_seed: int = 0,
+                 activation_checkpointing: bool = False, compile: bool = False):
         super().__init__()
-        self.dit, self.text_encoder = dit, text_encoder
+        self.dit = parallelize_dit(dit, activation_checkpointing=activation_checkpointing, compile=compile)
+        self.text_encoder = text_encoder
         self.video_vae = load_frozen(video_vae, video_vae_ckpt, "vae.", "video_vae", use_ema)
         self.audio_vae = load_frozen(audio_vae, audio_vae_ckpt, "vae.", "audio_vae", use_ema)
         self.vocoder = None if vocoder is None else load_frozen(vocoder, audio_vae_ckpt, "vocoder.", "vocoder",
