@@ -32,25 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sora.data.pipeline import ClipBatch
+from sora.evaluation.report import contact_sheet, first_last, plot_losses, read_metrics, sample_sheet, write_report
 from sora.evaluation.sync import match_errors, onset_times
-from sora.media import write_av, write_image
+from sora.media import probe_av, write_av, write_image
 
 log = logging.getLogger("sora.demo")
 
 
-def to_uint8(video) -> np.ndarray:
-    """[C,T,H,W] float in [-1,1] -> [T,H,W,3] uint8."""
-    return ((video.permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-
-
-def contact_sheet(batch: ClipBatch, columns: int = 8) -> np.ndarray:
-    """One row per clip, ``columns`` frames evenly spaced in time."""
-    rows = []
-    for video in batch.video:
-        frames = to_uint8(video)
-        idx = np.linspace(0, len(frames) - 1, columns).round().astype(int)
-        rows.append(np.concatenate(list(frames[idx]), axis=1))
-    return np.concatenate(rows, axis=0)
+def frames_of(video) -> np.ndarray:
+    """A loader's uint8 video [3, T, H, W] -> [T, H, W, 3]."""
+    return video.permute(1, 2, 3, 0).numpy()
 
 
 def sync_errors(batch: ClipBatch) -> np.ndarray:
@@ -96,14 +87,14 @@ def preview(cfg: DictConfig, out: Path) -> dict:
     loader = datamodule.train_dataloader()
     batches, t0 = [], time.perf_counter()
     for batch in tqdm(islice(loader, cfg.preview_batches), total=cfg.preview_batches, desc="decoding", unit="batch"):
-        batches.append(batch.normalize())
+        batches.append(batch)  # video stays uint8: written as it is
     seconds = time.perf_counter() - t0
     first = batches[0]
 
-    clips = [to_uint8(v) for b in batches for v in b.video]
+    clips = [frames_of(v) for b in batches for v in b.video]
     audio = np.concatenate([a.numpy() for b in batches for a in b.audio], axis=-1)
     write_av(out / "preview.mp4", np.concatenate(clips), audio, fps=first.fps, sample_rate=first.sample_rate)
-    write_image(out / "preview.png", contact_sheet(first))
+    write_image(out / "preview.png", contact_sheet([frames_of(v) for v in first.video]))
 
     errors = np.concatenate([sync_errors(b) for b in batches])
     summary = {
@@ -172,7 +163,6 @@ PLOT_VAL = {"video_vae": ["val/psnr"], "audio_vae": ["val/mel_l1", "val/vocoder_
 
 def summarize_stage(stage: dict, plots: Path) -> None:
     """Adds the stage's plot and start -> end metrics from its CSV log, and prints its one-line result."""
-    from sora.evaluation.report import first_last, plot_losses, read_metrics
 
     name = stage["name"]
     series = read_metrics(stage["run_dir"])
@@ -194,8 +184,6 @@ def slug(text: str, n: int = 32) -> str:
 
 
 def sample_prompts(cfg: DictConfig, out: Path, ckpt: Path) -> list[dict]:
-    from sora.media import probe_av
-
     samples = []
     for i, prompt in enumerate(cfg.sample.prompts):
         path = out / "samples" / f"{i}-{slug(prompt)}.mp4"
@@ -213,7 +201,6 @@ def sample_prompts(cfg: DictConfig, out: Path, ckpt: Path) -> list[dict]:
 
 @hydra.main(config_path=CONFIGS, config_name="demo", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    from sora.evaluation.report import sample_sheet, write_report
 
     instantiate(cfg.timeline)  # a bad timing config fails here, before any work
     out = Path(cfg.run_dir)

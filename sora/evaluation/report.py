@@ -72,19 +72,24 @@ def plot_losses(series: dict, title: str, path: str | Path, val_keys: list[str] 
     return Path(path)
 
 
-def sample_sheet(paths: list[Path], columns: int = 8, scale: int = 4) -> np.ndarray:
-    """One row per sampled mp4, ``columns`` frames evenly spaced in time, each upscaled ``scale``x (nearest)."""
-    from sora.media import read_av
-
+def contact_sheet(clips: list[np.ndarray], columns: int = 8, scale: int = 1) -> np.ndarray:
+    """One row per clip ([T, H, W, 3] uint8), ``columns`` frames evenly spaced in time, each upscaled
+    ``scale``x (nearest); rows separated by a white line."""
     rows = []
-    for path in paths:
-        frames = read_av(path).frames
+    for frames in clips:
         idx = np.linspace(0, len(frames) - 1, columns).round().astype(int)
         row = np.concatenate(list(frames[idx]), axis=1)
         rows.append(row.repeat(scale, axis=0).repeat(scale, axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     return np.concatenate(rows, axis=0)
+
+
+def sample_sheet(paths: list[Path], columns: int = 8, scale: int = 4) -> np.ndarray:
+    """The contact sheet of sampled mp4s."""
+    from sora.media import read_av
+
+    return contact_sheet([read_av(path).frames for path in paths], columns, scale)
 
 
 def fmt(value, digits: int = 4) -> str:
