@@ -15,9 +15,9 @@ bounded by the chunk, and match the whole-clip result to float rounding. ``tile=
 also splits space into overlapping tiles blended linearly (approximate at tile borders).
 
 Losses: :meth:`VideoVAE.loss` gives L1 + ``kl_weight`` * KL, plus an optional perceptual term
-(any module mapping two [N, 3, H, W] image batches in [-1, 1] to a scalar, e.g. an LPIPS-style
-network loaded with :func:`load_perceptual_weights`) and an optional hinge GAN generator term
-from :class:`PatchDiscriminator3D`, active from ``gan_start_step`` on.
+(any module mapping two [N, 3, H, W] image batches in [-1, 1] to distances, e.g.
+:class:`sora.models.perceptual.LPIPS`) and an optional hinge GAN generator term from
+:class:`PatchDiscriminator3D`, active from ``gan_start_step`` on.
 """
 
 from __future__ import annotations
@@ -347,14 +347,6 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
-def load_perceptual_weights(module: nn.Module, path: str, strict: bool = True) -> nn.Module:
-    """Load an LPIPS-style network's weights from a local .safetensors file; frozen, eval mode."""
-    from safetensors.torch import load_file
-
-    module.load_state_dict(load_file(path), strict=strict)
-    return module.eval().requires_grad_(False)
-
-
 def estimate_flops(model: VideoVAE, video_shape) -> int:
     """Rough multiply-add count x2 of encode + decode for one clip (convolutions only)."""
     flops, hooks = [0], []
@@ -377,4 +369,4 @@ def estimate_flops(model: VideoVAE, video_shape) -> int:
 
 
 __all__ = ["VideoVAE", "DiagonalGaussian", "CausalConv3d", "PatchDiscriminator3D", "hinge_d_loss",
-           "hinge_g_loss", "load_perceptual_weights", "estimate_flops", "tiled", "TINY_CONFIG"]
+           "hinge_g_loss", "estimate_flops", "tiled", "TINY_CONFIG"]

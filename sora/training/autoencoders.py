@@ -3,6 +3,14 @@
 Batches are :class:`sora.data.pipeline.ClipBatch` (video float in [-1, 1] on the device, audio
 ``[B, channels, N]``). Every loss term is logged as ``train/<term>``; validation logs
 reconstruction metrics (``val/psnr`` for video, ``val/mel_l1`` for audio).
+
+Adversarial training (optional, ``discriminator`` set) keeps Lightning's automatic optimization
+and one optimizer: each step adds the discriminator's loss (on real and detached fake inputs)
+to the generator's, whose adversarial term sees the discriminator's weights as constants
+(:func:`frozen`). So each loss trains only its own network, both networks step together
+(simultaneous updates), and ``max_steps``, gradient clipping, precision plugins and the LR
+schedule work as without a GAN. The discriminator joins at ``gan_start_step``; before that it
+gets no gradients (with DDP use ``strategy=ddp_find_unused_parameters_true``).
 """
 
 from __future__ import annotations
@@ -11,33 +19,49 @@ import math
 
 import lightning as L
 import torch
+from torch import nn
 
-from sora.models.audio_vae import AudioVAE, Vocoder, mel_loss
-from sora.models.video_vae import VideoVAE
+from sora.evaluation.recon import psnr
+from sora.models.audio_vae import (AudioVAE, MultiPeriodDiscriminator, Vocoder, discriminator_loss,
+                                   feature_matching_loss, generator_adversarial_loss, mel_loss)
+from sora.models.perceptual import LPIPS
+from sora.models.video_vae import PatchDiscriminator3D, VideoVAE, hinge_d_loss
 from sora.training.optim import adamw_with_schedule
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per sample ``[B]`` (video in [-1, 1]: range 2)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return 10.0 * torch.log10(data_range**2 / mse)
+def frozen(module: nn.Module):
+    """``module`` as a function of its inputs only: its weights enter as constants, so a loss through
+    it trains whatever made the inputs and never ``module`` (the generator's side of a GAN loss)."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return lambda *args: torch.func.functional_call(module, params, args)
 
 
 class _Stage(L.LightningModule):
-    """What both autoencoder stages share: the optimizer and its schedule."""
+    """What both autoencoder stages share: the optimizer and its schedule, the GAN switch."""
 
     def __init__(self, lr: float, weight_decay: float, betas, warmup_steps: int, total_steps: int | None,
-                 schedule: str, min_lr_ratio: float):
+                 schedule: str, min_lr_ratio: float, discriminator: nn.Module | None = None,
+                 disc_lr: float | None = None, gan_start_step: int = 0):
         super().__init__()
         self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), tuple(float(b) for b in betas)
         self.warmup_steps, self.total_steps, self.schedule = warmup_steps, total_steps, schedule
         self.min_lr_ratio = min_lr_ratio
+        self.discriminator, self.gan_start_step = discriminator, int(gan_start_step)
+        self.disc_lr = self.lr if disc_lr is None else float(disc_lr)
+
+    @property
+    def gan_on(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.gan_start_step
 
     def configure_optimizers(self):
         total = self.total_steps
         if total is None and self.trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
             total = self.trainer.max_steps
-        return adamw_with_schedule(self.parameters(), self.lr, self.weight_decay, self.betas, self.warmup_steps,
+        disc = set(self.discriminator.parameters()) if self.discriminator is not None else set()
+        groups = [{"params": [p for p in self.parameters() if p not in disc]}]
+        if disc:
+            groups.append({"params": list(self.discriminator.parameters()), "lr": self.disc_lr})
+        return adamw_with_schedule(groups, self.lr, self.weight_decay, self.betas, self.warmup_steps,
                                    total, self.schedule, self.min_lr_ratio)
 
     def log_terms(self, prefix: str, terms: dict, batch_size: int) -> None:
@@ -48,7 +72,10 @@ class _Stage(L.LightningModule):
 
 
 class VideoVAEModule(_Stage):
-    """Trains :class:`VideoVAE` with L1 + ``kl_weight`` * KL (``VideoVAE.loss``).
+    """Trains :class:`VideoVAE` with L1 + ``kl_weight`` * KL (``VideoVAE.loss``), optionally
+    + ``perceptual_weight`` * LPIPS (weights from the local file ``perceptual_weights``) and
+    + ``gan_weight`` * hinge generator loss of a :class:`PatchDiscriminator3D` from
+    ``gan_start_step`` on (its own hinge loss logged as ``train/disc``).
 
     ``chunk``: encode/decode in causal chunks of that many latent steps (memory bound, exact).
     """
@@ -56,20 +83,40 @@ class VideoVAEModule(_Stage):
     def __init__(self, vae: VideoVAE, lr: float = 1e-4, kl_weight: float = 1e-6, warmup_steps: int = 100,
                  total_steps: int | None = None, schedule: str = "cosine", min_lr_ratio: float = 0.1,
                  weight_decay: float = 0.0, betas=(0.9, 0.99), sample_posterior: bool = True,
-                 chunk: int | None = None):
-        super().__init__(lr, weight_decay, betas, warmup_steps, total_steps, schedule, min_lr_ratio)
+                 chunk: int | None = None, discriminator: PatchDiscriminator3D | None = None,
+                 gan_weight: float = 0.1, gan_start_step: int = 0, disc_lr: float | None = None,
+                 perceptual_weights: str | None = None, perceptual_weight: float = 1.0, perceptual_frames: int = 4):
+        super().__init__(lr, weight_decay, betas, warmup_steps, total_steps, schedule, min_lr_ratio,
+                         discriminator, disc_lr, gan_start_step)
         self.vae, self.kl_weight = vae, kl_weight
         self.sample_posterior, self.chunk = sample_posterior, chunk
+        self.gan_weight = gan_weight
+        self.perceptual = LPIPS.from_file(perceptual_weights) if perceptual_weights else None
+        self.perceptual_weight, self.perceptual_frames = perceptual_weight, perceptual_frames
 
     def batch_tokens(self, batch) -> int:
         return math.prod(self.vae.latent_shape(batch.video.shape)[2:]) * len(batch)
 
+    # The frozen LPIPS weights come from their own file: kept out of checkpoints, put back on load.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("perceptual.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.perceptual is not None:
+            checkpoint["state_dict"].update({f"perceptual.{k}": v for k, v in self.perceptual.state_dict().items()})
+
     def training_step(self, batch, batch_idx):
         x = batch.video
         recon, posterior = self.vae(x, sample=self.sample_posterior, chunk=self.chunk)
-        terms = VideoVAE.loss(x, recon, posterior, kl_weight=self.kl_weight)
+        gan = self.gan_on
+        terms = VideoVAE.loss(x, recon, posterior, kl_weight=self.kl_weight, perceptual=self.perceptual,
+                              perceptual_weight=self.perceptual_weight, perceptual_frames=self.perceptual_frames,
+                              discriminator=frozen(self.discriminator) if gan else None, gan_weight=self.gan_weight)
+        if gan:
+            terms["disc"] = hinge_d_loss(self.discriminator(x), self.discriminator(recon.detach()))
         self.log_terms("train", terms, len(batch))
-        return terms["loss"]
+        return terms["loss"] + terms["disc"] if gan else terms["loss"]
 
     def validation_step(self, batch, batch_idx):
         x = batch.video
@@ -89,6 +136,10 @@ class AudioVAEModule(_Stage):
     """Trains :class:`AudioVAE` on log-mel (L1 + ``kl_weight`` * KL) and the :class:`Vocoder` on
     (real log-mel -> waveform) pairs (multi-resolution STFT + mel losses), one optimizer.
 
+    With a :class:`MultiPeriodDiscriminator` (HiFi-GAN's), the vocoder also gets
+    ``gan_weight`` * its adversarial loss (``gan_kind`` lsgan | hinge) + ``feature_matching_weight``
+    * feature matching from ``gan_start_step`` on; the discriminator's loss is ``train/disc``.
+
     ``vocoder_segment``: train the vocoder on a random window of that many mel frames per clip
     (its cost is per sample; the autoencoder always sees whole clips). Clips without sound
     (``has_audio`` False) are left out of the losses when the batch has any clip with sound.
@@ -97,8 +148,17 @@ class AudioVAEModule(_Stage):
     def __init__(self, vae: AudioVAE, vocoder: Vocoder | None = None, lr: float = 2e-4, kl_weight: float = 1e-4,
                  vocoder_weight: float = 1.0, vocoder_segment: int | None = 32, warmup_steps: int = 100,
                  total_steps: int | None = None, schedule: str = "cosine", min_lr_ratio: float = 0.1,
-                 weight_decay: float = 0.0, betas=(0.8, 0.99), sample_posterior: bool = True):
-        super().__init__(lr, weight_decay, betas, warmup_steps, total_steps, schedule, min_lr_ratio)
+                 weight_decay: float = 0.0, betas=(0.8, 0.99), sample_posterior: bool = True,
+                 discriminator: MultiPeriodDiscriminator | None = None, gan_kind: str = "lsgan",
+                 gan_weight: float = 1.0, feature_matching_weight: float = 2.0, gan_start_step: int = 0,
+                 disc_lr: float | None = None):
+        super().__init__(lr, weight_decay, betas, warmup_steps, total_steps, schedule, min_lr_ratio,
+                         discriminator, disc_lr, gan_start_step)
+        if discriminator is not None and vocoder is None:
+            raise ValueError("model.discriminator is set but model.vocoder is null: the GAN trains the vocoder")
+        if gan_kind not in ("lsgan", "hinge"):
+            raise ValueError(f"model.gan_kind={gan_kind!r}: choose lsgan or hinge")
+        self.gan_kind, self.gan_weight, self.feature_matching_weight = gan_kind, gan_weight, feature_matching_weight
         self.vae, self.vocoder = vae, vocoder
         self.kl_weight, self.vocoder_weight, self.vocoder_segment = kl_weight, vocoder_weight, vocoder_segment
         self.sample_posterior = sample_posterior
@@ -131,13 +191,22 @@ class AudioVAEModule(_Stage):
         recon, posterior = self.vae(mel, sample=self.sample_posterior)
         terms = self.vae.loss(mel, recon, posterior, kl_weight=self.kl_weight)
         loss = terms["loss"]
+        gan = self.gan_on
         if self.vocoder is not None:
-            voc = self.vocoder.loss(*self.vocoder_pairs(mel, wave))
+            mel_seg, real = self.vocoder_pairs(mel, wave)
+            voc = self.vocoder.loss(mel_seg, real)
             terms.update(vocoder_stft=voc["stft"], vocoder_mel=voc["mel"], vocoder=voc["loss"])
             loss = loss + self.vocoder_weight * voc["loss"]
+            if gan:
+                real, fake = real[:, None], voc["pred"]
+                real_outs, fake_outs = self.discriminator(real), frozen(self.discriminator)(fake)
+                terms["gan"] = generator_adversarial_loss(fake_outs, self.gan_kind)
+                terms["feature_matching"] = feature_matching_loss(real_outs, fake_outs)
+                loss = loss + self.gan_weight * terms["gan"] + self.feature_matching_weight * terms["feature_matching"]
+                terms["disc"] = discriminator_loss(real_outs, self.discriminator(fake.detach()), self.gan_kind)
         terms["loss"] = loss
         self.log_terms("train", terms, wave.shape[0])
-        return loss
+        return loss + terms["disc"] if gan else loss
 
     def validation_step(self, batch, batch_idx):
         wave = self.audible(batch)

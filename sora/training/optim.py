@@ -35,15 +35,19 @@ def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_
                         schedule: str = "cosine", min_lr_ratio: float = 0.0) -> dict:
     """The ``configure_optimizers`` return value: AdamW and its per-step ``LambdaLR``.
 
+    ``params``: parameters, or groups ``{"params": [...], "lr": ...}`` (without ``lr``: ``lr``).
     Parameters of one dimension (norm gains, biases) get no weight decay.
     """
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    params = list(params)
+    given = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = []
+    for g in given:
+        ps = [p for p in g["params"] if p.requires_grad]
+        for keep, wd in ((lambda p: p.ndim >= 2, weight_decay), (lambda p: p.ndim < 2, 0.0)):
+            groups.append({"params": [p for p in ps if keep(p)], "weight_decay": wd, "lr": g.get("lr", lr)})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         raise ValueError("no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     fn = partial(lr_factor, warmup_steps=int(warmup_steps), total_steps=total_steps, schedule=schedule,
                  min_lr_ratio=float(min_lr_ratio))
