@@ -72,7 +72,8 @@ def test_video_gan_step_trains_each_network_with_its_own_loss_only(tmp_path):
     torch.manual_seed(0)
     path, _ = _lpips_file(tmp_path)
     module = VideoVAEModule(VideoVAE(**TINY_CONFIG), sample_posterior=False, kl_weight=1e-3,
-                            discriminator=PatchDiscriminator3D(8, 2), gan_weight=0.5, perceptual_weights=str(path))
+                            discriminator=PatchDiscriminator3D(8, 2), gan_weight=0.5, perceptual_weights=str(path),
+                            gan_adaptive=False)
     x = _batch().video
     module.training_step(_batch(), 0).backward()
     got_vae, got_disc = _grads(module.vae), _grads(module.discriminator)
@@ -90,6 +91,22 @@ def test_video_gan_step_trains_each_network_with_its_own_loss_only(tmp_path):
     for want, got in ((_grads(module.vae), got_vae), (_grads(module.discriminator), got_disc)):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adaptive_weight_balances_the_gradients_at_the_last_layer():
+    torch.manual_seed(0)
+    vae, disc = VideoVAE(**TINY_CONFIG), PatchDiscriminator3D(8, 2)
+    x = _batch().video
+    recon, post = vae(x, sample=False)
+    terms = VideoVAE.loss(x, recon, post, discriminator=frozen(disc), gan_weight=1.0,
+                          last_layer=vae.decoder.conv_out.weight)
+    w = vae.decoder.conv_out.weight
+    rec = terms["l1"] + 1e-6 * terms["kl"]
+    g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(terms["gan_scale"] * terms["gan"], w, retain_graph=True)[0]
+    torch.testing.assert_close(g_adv.norm(), g_rec.norm(), rtol=1e-2, atol=0)  # up to the 1e-4 guard
+    torch.testing.assert_close(terms["loss"], rec + terms["gan_scale"] * terms["gan"])
+    assert not terms["gan_scale"].requires_grad
 
 
 def test_video_discriminator_waits_for_its_start_step():

@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-def check_overrides(args: list[str], config: str = "train", prog: str = "sora-train") -> None:
+def check_overrides(args: list[str], config: str = "train", prog: str = "sora-train", configs: str = CONFIGS) -> None:
     """Compose the config once before Hydra's main so that a bad key or value is one line."""
     if any(a.startswith("-") for a in args):  # Hydra's own flags (--multirun, --cfg, ...): Hydra reports
         return
@@ -101,10 +101,11 @@ def check_overrides(args: list[str], config: str = "train", prog: str = "sora-tr
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(CONFIGS, version_base="1.3"):
+        with initialize_config_dir(configs, version_base="1.3"):
             compose(config, overrides=list(args))
     except (HydraException, OmegaConfBaseException) as e:
-        lines = [x.strip() for x in str(e).splitlines() if x.strip() and not x.strip().startswith(
+        text = str(e) or str(e.__cause__ or "") or type(e).__name__
+        lines = [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith(
             ("full_key:", "object_type=", "reference_type="))]
         raise SystemExit(f"{prog}: error in the config: " + " ".join(lines)) from None
 

@@ -264,13 +264,16 @@ class VideoVAE(nn.Module):
     def loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float = 1e-6,
              perceptual: nn.Module | None = None, perceptual_weight: float = 1.0, perceptual_frames: int = 4,
              discriminator: nn.Module | None = None, gan_weight: float = 0.1, step: int = 0,
-             gan_start_step: int = 0) -> dict:
+             gan_start_step: int = 0, last_layer: torch.Tensor | None = None) -> dict:
         """dict(loss, l1, kl[, perceptual][, gan]).
 
         l1 = mean |x - recon|; kl = posterior.kl().mean() (summed over latent elements, mean over
         the batch); loss = l1 + kl_weight * kl (+ perceptual_weight * perceptual on up to
         ``perceptual_frames`` evenly spaced frames) (+ gan_weight * hinge generator loss once
         ``step >= gan_start_step``). The discriminator's own loss is :func:`hinge_d_loss`.
+        ``last_layer`` (the decoder's output weight): the GAN term is scaled by
+        :func:`adaptive_weight` too (logged as ``gan_scale``), so its gradient there is
+        ``gan_weight`` times the reconstruction terms' whatever the discriminator's state.
         """
         out = dict(l1=(x - recon).abs().mean(), kl=posterior.kl().mean())
         loss = out["l1"] + kl_weight * out["kl"]
@@ -282,7 +285,11 @@ class VideoVAE(nn.Module):
             loss = loss + perceptual_weight * out["perceptual"]
         if discriminator is not None and step >= gan_start_step:
             out["gan"] = hinge_g_loss(discriminator(recon))
-            loss = loss + gan_weight * out["gan"]
+            if last_layer is not None:
+                out["gan_scale"] = adaptive_weight(loss, out["gan"], last_layer)
+                loss = loss + gan_weight * out["gan_scale"] * out["gan"]
+            else:
+                loss = loss + gan_weight * out["gan"]
         out["loss"] = loss
         return out
 
@@ -347,6 +354,18 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """VQGAN's balance (Esser et al. 2021): ``|d rec / d W| / |d adv / d W|`` at the decoder's last
+    weight ``W``, detached, so an adversarial term scaled by it pushes ``W`` as hard as the
+    reconstruction does. Without a graph (validation) it is 0."""
+    if not (rec_loss.requires_grad and adv_loss.requires_grad):
+        return rec_loss.new_zeros(())
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(max=max_weight).detach()
+
+
 def estimate_flops(model: VideoVAE, video_shape) -> int:
     """Rough multiply-add count x2 of encode + decode for one clip (convolutions only)."""
     flops, hooks = [0], []
@@ -369,4 +388,4 @@ def estimate_flops(model: VideoVAE, video_shape) -> int:
 
 
 __all__ = ["VideoVAE", "DiagonalGaussian", "CausalConv3d", "PatchDiscriminator3D", "hinge_d_loss",
-           "hinge_g_loss", "estimate_flops", "tiled", "TINY_CONFIG"]
+           "hinge_g_loss", "adaptive_weight", "estimate_flops", "tiled", "TINY_CONFIG"]

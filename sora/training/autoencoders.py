@@ -75,7 +75,8 @@ class VideoVAEModule(_Stage):
     """Trains :class:`VideoVAE` with L1 + ``kl_weight`` * KL (``VideoVAE.loss``), optionally
     + ``perceptual_weight`` * LPIPS (weights from the local file ``perceptual_weights``) and
     + ``gan_weight`` * hinge generator loss of a :class:`PatchDiscriminator3D` from
-    ``gan_start_step`` on (its own hinge loss logged as ``train/disc``).
+    ``gan_start_step`` on (its own hinge loss logged as ``train/disc``), scaled by VQGAN's
+    adaptive weight when ``gan_adaptive`` (:func:`sora.models.video_vae.adaptive_weight`).
 
     ``chunk``: encode/decode in causal chunks of that many latent steps (memory bound, exact).
     """
@@ -85,12 +86,13 @@ class VideoVAEModule(_Stage):
                  weight_decay: float = 0.0, betas=(0.9, 0.99), sample_posterior: bool = True,
                  chunk: int | None = None, discriminator: PatchDiscriminator3D | None = None,
                  gan_weight: float = 0.1, gan_start_step: int = 0, disc_lr: float | None = None,
-                 perceptual_weights: str | None = None, perceptual_weight: float = 1.0, perceptual_frames: int = 4):
+                 gan_adaptive: bool = True, perceptual_weights: str | None = None, perceptual_weight: float = 1.0,
+                 perceptual_frames: int = 4):
         super().__init__(lr, weight_decay, betas, warmup_steps, total_steps, schedule, min_lr_ratio,
                          discriminator, disc_lr, gan_start_step)
         self.vae, self.kl_weight = vae, kl_weight
         self.sample_posterior, self.chunk = sample_posterior, chunk
-        self.gan_weight = gan_weight
+        self.gan_weight, self.gan_adaptive = gan_weight, gan_adaptive
         self.perceptual = LPIPS.from_file(perceptual_weights) if perceptual_weights else None
         self.perceptual_weight, self.perceptual_frames = perceptual_weight, perceptual_frames
 
@@ -112,7 +114,8 @@ class VideoVAEModule(_Stage):
         gan = self.gan_on
         terms = VideoVAE.loss(x, recon, posterior, kl_weight=self.kl_weight, perceptual=self.perceptual,
                               perceptual_weight=self.perceptual_weight, perceptual_frames=self.perceptual_frames,
-                              discriminator=frozen(self.discriminator) if gan else None, gan_weight=self.gan_weight)
+                              discriminator=frozen(self.discriminator) if gan else None, gan_weight=self.gan_weight,
+                              last_layer=self.vae.decoder.conv_out.weight if self.gan_adaptive else None)
         if gan:
             terms["disc"] = hinge_d_loss(self.discriminator(x), self.discriminator(recon.detach()))
         self.log_terms("train", terms, len(batch))

@@ -189,22 +189,30 @@ class DiTModule(L.LightningModule):
         return out["loss"]
 
     @torch.no_grad()
-    def validation_step(self, batch, batch_idx):
+    def fixed_timestep_losses(self, batch, index: int = 0) -> dict[str, torch.Tensor]:
+        """Text-to-AV flow losses at each of ``val_timesteps`` with noise fixed by (``val_seed``,
+        ``index``): ``loss_<modality>_t<t>`` and their means ``loss_<modality>``, ``loss`` (weighted).
+        The validation metric, and ``sora-eval``'s per-modality loss."""
         z = self.normalize(self.encode(batch))
         b, device = len(batch), z["video"].device
         text, text_mask = self.text_encoder(list(batch.captions))
-        gen = torch.Generator().manual_seed(self.val_seed * 100003 + batch_idx)
+        gen = torch.Generator().manual_seed(self.val_seed * 100003 + index)
         noise = {m: torch.randn(x.shape, generator=gen).to(x) for m, x in z.items()}
-        totals = {"loss_video": 0.0, "loss_audio": 0.0}
+        totals, out = {"loss_video": 0.0, "loss_audio": 0.0}, {}
         for tv in self.val_timesteps:
             t = torch.full((b,), tv, device=device)
             clean = {m: torch.zeros(b, x.shape[2], dtype=torch.bool, device=device) for m, x in z.items()}
-            out = self.losses(z, noise, TaskTimesteps(t, t, clean["video"], clean["audio"]), text, text_mask)
-            self.log_dict({f"val/{k}_t{tv:.2f}": out[k] for k in totals}, batch_size=b)
+            losses = self.losses(z, noise, TaskTimesteps(t, t, clean["video"], clean["audio"]), text, text_mask)
             for k in totals:
-                totals[k] = totals[k] + out[k] / len(self.val_timesteps)
+                out[f"{k}_t{tv:.2f}"] = losses[k]
+                totals[k] = totals[k] + losses[k] / len(self.val_timesteps)
         totals["loss"] = sum(self.loss_weights[m] * totals[f"loss_{m}"] for m in MODALITIES)
-        self.log_dict({f"val/{k}": v for k, v in totals.items()}, batch_size=b, prog_bar=True)
+        return {**out, **totals}
+
+    def validation_step(self, batch, batch_idx):
+        out = self.fixed_timestep_losses(batch, batch_idx)
+        self.log_dict({f"val/{k}": v for k, v in out.items() if "_t" in k}, batch_size=len(batch))
+        self.log_dict({f"val/{k}": v for k, v in out.items() if "_t" not in k}, batch_size=len(batch), prog_bar=True)
 
     def configure_optimizers(self):
         o = dict(self.optim)
