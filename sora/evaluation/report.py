@@ -98,9 +98,15 @@ def fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+EVAL_KEYS = ("fvd", "kvd", "fd_mel", "val/loss", "val/loss_video", "val/loss_audio", "sync/offset_abs_ms_mean",
+             "sync/within_frame", "physics/gravity_rel_error", "physics/sync_error_ms_mean",
+             "physics/impacts_per_clip")
+
+
 def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples: list[dict],
-                 sheet: Path | None, total_seconds: float) -> Path:
-    """report.md: per stage its command, time, plot and start -> end metrics; the samples; the data check.
+                 sheet: Path | None, total_seconds: float, evaluation: dict | None = None) -> Path:
+    """report.md: per stage its command, time, plot and start -> end metrics; the samples; the data check;
+    the evaluation (``sora-eval``'s metrics.json plus its ``command``) beside its baselines.
 
     ``stages``: dicts with name, command, seconds, plot (Path), metrics (list of (label, start, end)).
     ``samples``: dicts with prompt, path, command, seconds, duration, audio_duration.
@@ -142,5 +148,19 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
         lines.append(f"| {s['prompt']} | [{Path(s['path']).name}]({rel(s['path'])}) | {s['duration']:.2f} s | "
                      f"{s['audio_duration']:.2f} s | {s['seconds']:.1f} s |")
     lines += ["", "```bash", *[s["command"] for s in samples], "```", ""]
+    if evaluation is not None:
+        m, real, shuffled = evaluation["metrics"], evaluation["baselines"]["real"], evaluation["baselines"]["shuffled"]
+        proto = evaluation["protocol"]
+        lines += ["## Evaluation", "",
+                  f"`sora-eval` on {proto['references']} held-out world clips ({proto['frames']} frames "
+                  f"{proto['size'][0]}x{proto['size'][1]} at {proto['fps']:g} fps): "
+                  f"the DiT's samples for their captions against the references, beside real held-out clips "
+                  f"(the floor) and those clips with their sound swapped (sync should break). "
+                  f"Full report: [eval/report.md](eval/report.md).", "",
+                  "| metric | DiT samples | real clips | shuffled pairs |", "|---|---|---|---|"]
+        for key in EVAL_KEYS:
+            if key in m or key in real:
+                lines.append(f"| {key} | {fmt(m.get(key))} | {fmt(real.get(key))} | {fmt(shuffled.get(key))} |")
+        lines += ["", "```bash", evaluation["command"], "```", ""]
     path.write_text("\n".join(lines))
     return path

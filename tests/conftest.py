@@ -1,0 +1,36 @@
+"""Shared fixtures: one tiny `sora-demo` run per session, whose checkpoints several test files use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=REPO, timeout=300):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+PROMPTS = ["a red ball bounces", "two balls, a blue one"]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`sora-demo` at a tiny size (3 steps per stage); tests/test_eval_cli.py evaluates its checkpoints."""
+    run = tmp_path_factory.mktemp("quickstart") / "demo"
+    proc = run_cli("-m", "sora.cli.demo", f"run_dir={run}", "world.clips=8", "world.seconds=2", "timeline.seconds=1",
+                   "data.train.batch_size=2", "preview_batches=2", "steps=3",
+                   'train_overrides=["data.num_workers=0","trainer.log_every_n_steps=1"]',
+                   "sample.prompts=[" + ",".join(f'"{p}"' for p in PROMPTS) + "]", "sample.seconds=1", "sample.steps=2",
+                   "eval.clips=8", "eval.num_samples=3", "eval.steps=2", "eval.i3d_weights=null")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, proc
+
+
