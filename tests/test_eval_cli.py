@@ -44,7 +44,7 @@ def test_samples_mode_known_answers_and_cache(demo, tmp_path):
     """The references themselves score near zero Frechet distance and in sync; with their sound 250 ms
     late the sync offset says +250 ms; the second run reads the reference features from the cache."""
     run, _ = demo
-    refs, _ = reference_clips(run / "heldout", TL, (32, 32), 3)
+    refs = reference_clips(run / "heldout", TL, (32, 32), 3)
     cache = tmp_path / "cache"
     same = _ok(_eval(f"samples={_write(refs, tmp_path / 'same')}", f"data={run / 'heldout'}", f"out={tmp_path / 'a'}",
                      "num_samples=3", *SAMPLES_TL, cache=cache))
@@ -99,7 +99,7 @@ def test_fvd_and_kvd_through_an_i3d_weights_file(demo, tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "i3d.safetensors"
     save_file({k: v.contiguous() for k, v in InceptionI3d().state_dict().items()}, str(weights))
-    refs, _ = reference_clips(run / "heldout", TL, (32, 32), 3)
+    refs = reference_clips(run / "heldout", TL, (32, 32), 3)
     _ok(_eval(f"samples={_write(refs, tmp_path / 'same')}", f"data={run / 'heldout'}", f"out={tmp_path / 'out'}",
               "num_samples=3", f"i3d_weights={weights}", *SAMPLES_TL, cache=tmp_path / "cache"))
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -89,14 +88,12 @@ class Evaluation:
 
         self.cfg, self.timeline, self.size, self.extractors = cfg, timeline, list(size), extractors
         n = int(cfg.num_samples)
-        clips, self.batches = reference_clips(cfg.data, timeline, size, 2 * n, seed=int(cfg.seed))
+        clips = reference_clips(cfg.data, timeline, size, 2 * n, seed=int(cfg.seed))
         self.refs = clips[:n]
         self.real, self.real_source = clips[n:], "the next clips of data"
         if len(self.real) < 2:
-            self.real, _ = reference_clips(cfg.data, timeline, size, n, seed=int(cfg.seed) + 1)
+            self.real = reference_clips(cfg.data, timeline, size, n, seed=int(cfg.seed) + 1)
             self.real_source = "other windows (seed + 1) of the reference clips (data has too few clips)"
-        n_batches = math.ceil(len(self.refs) / self.batches[0].video.shape[0])
-        self.batches = self.batches[:n_batches]
         self.world = world_config(self.refs, size)
         self.fps, self.sr = float(timeline.fps_q), timeline.sample_rate
         self.protocol = {
@@ -149,6 +146,7 @@ def evaluate_dit(ckpt_path, ckpt: dict, cfg: DictConfig, extractors, device, out
     import torch
 
     from sora.cli.sample import default_size, load_module
+    from sora.evaluation.evaluator import clip_batches
 
     module, run_cfg, timeline = load_module(str(ckpt_path), cfg.seconds, cfg.use_ema, device, ckpt=ckpt)
     size = list(cfg.size) if cfg.size is not None else default_size(run_cfg)
@@ -156,12 +154,14 @@ def evaluate_dit(ckpt_path, ckpt: dict, cfg: DictConfig, extractors, device, out
     t0 = time.perf_counter()
     clips = generate_clips(module, timeline, evaluation.refs, cfg, out)
     metrics = {"sampling_seconds": time.perf_counter() - t0, **evaluation.score(clips)}
+    batches = clip_batches(evaluation.refs, evaluation.fps, evaluation.sr, int(cfg.batch_size))
     with torch.no_grad():
         losses = [module.fixed_timestep_losses(dataclasses.replace(b, video=b.video.to(device),
                                                                    audio=b.audio.to(device)), i)
-                  for i, b in enumerate(evaluation.batches)]
-    for key in ("loss", "loss_video", "loss_audio"):
-        metrics[f"val/{key}"] = float(np.mean([float(x[key]) for x in losses]))
+                  for i, b in enumerate(batches)]
+    for key in ("loss", "loss_video", "loss_audio"):  # a mean over clips
+        metrics[f"val/{key}"] = float(sum(float(x[key]) * len(b) for x, b in zip(losses, batches))
+                                      / len(evaluation.refs))
     return metrics, evaluation, clips
 
 
@@ -205,7 +205,7 @@ def evaluate_autoencoder(kind: str, ckpt: dict, cfg: DictConfig, extractors, dev
     return metrics, evaluation, clips
 
 
-def evaluate_samples(cfg: DictConfig, extractors, out: Path):
+def evaluate_samples(cfg: DictConfig, extractors):
     from hydra.utils import instantiate
 
     from sora.evaluation.evaluator import read_clip
@@ -247,7 +247,7 @@ def run(cfg: DictConfig) -> dict:
         raise SystemExit(f"sora-eval: {' '.join(str(e).split())}") from None
     result = {"command": "sora-eval " + " ".join(_overrides()), "what": None}
     if cfg.samples is not None:
-        metrics, evaluation, clips = evaluate_samples(cfg, extractors, out)
+        metrics, evaluation, clips = evaluate_samples(cfg, extractors)
         result.update(what=f"samples={cfg.samples}", metrics=metrics)
     elif Path(str(cfg.ckpt)).is_dir():
         rows, evaluation, clips = [], None, None

@@ -47,26 +47,34 @@ class Clip:
 
 
 # -- reading clips ------------------------------------------------------------------------------
-def reference_clips(urls, timeline, size, count: int, seed: int = 0, batch_size: int = 8):
+def reference_clips(urls, timeline, size, count: int, seed: int = 0, batch_size: int = 8) -> list[Clip]:
     """The first ``count`` clips of a shard set in order (deterministic windows given ``seed``,
-    centre crops of ``size``) -> (clips, the loader's ClipBatches, float video in [-1, 1])."""
+    centre crops of ``size``)."""
     from sora.data.pipeline import ShardClipStream
 
-    stream = ShardClipStream([str(p) for p in data_files(urls)], timeline, batch_size=batch_size, size=list(size), shuffle=False,
-                             infinite=False, seed=seed, random_crop=False)
-    clips, batches = [], []
-    for batch in stream:
-        batch = batch.normalize()
-        batches.append(batch)
-        video = ((batch.video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    stream = ShardClipStream([str(p) for p in data_files(urls)], timeline, batch_size=batch_size, size=list(size),
+                             shuffle=False, infinite=False, seed=seed, random_crop=False)
+    clips = []
+    for batch in stream:  # uint8 video [B, 3, T, H, W]
         for i in range(len(batch)):
-            clips.append(Clip(video[i], batch.audio[i].mean(0).numpy().astype(np.float32), batch.captions[i],
-                              batch.keys[i], bool(batch.has_audio[i]), dict(batch.meta[i]) if batch.meta else {}))
+            clips.append(Clip(batch.video[i].permute(1, 2, 3, 0).numpy(), batch.audio[i].mean(0).numpy(),
+                              batch.captions[i], batch.keys[i], bool(batch.has_audio[i]),
+                              dict(batch.meta[i]) if batch.meta else {}))
         if len(clips) >= count:
             break
     if not clips:
         raise SystemExit(f"sora-eval: data={urls}: no readable clip of {timeline.seconds:g} s")
-    return clips[:count], batches
+    return clips[:count]
+
+
+def clip_batches(clips: list[Clip], fps: float, sample_rate: int, batch_size: int = 8) -> list:
+    """The clips as :class:`sora.data.pipeline.ClipBatch` es (float video in [-1, 1]), in order."""
+    from sora.data.pipeline import Sample, collate
+
+    samples = [Sample(c.key, c.frames, c.audio[None], np.ones(len(c.audio), bool), c.has_audio, c.caption,
+                      meta=c.meta) for c in clips]
+    return [collate(samples[i:i + batch_size], fps, sample_rate).normalize()
+            for i in range(0, len(samples), batch_size)]
 
 
 def read_clip(path, timeline, size) -> Clip:
