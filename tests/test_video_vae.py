@@ -9,7 +9,6 @@ from sora.models.video_vae import (
     DiagonalGaussian,
     PatchDiscriminator3D,
     VideoVAE,
-    estimate_flops,
     hinge_d_loss,
     hinge_g_loss,
     tiled,
@@ -235,4 +234,3 @@ def test_bad_config_and_chunk(vae):
 
 def test_sizes():
     assert VideoVAE().num_params() > 10 * VideoVAE(**TINY_CONFIG).num_params()
-    assert estimate_flops(VideoVAE(**TINY_CONFIG), (1, 3, 5, 16, 16)) > 0

@@ -280,25 +280,12 @@ class AVDiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops_per_token(self, video_tokens: int, audio_tokens: int, text_tokens: int) -> float:
-        """Approximate training FLOPs (forward + backward) per token, averaged over all tokens.
+        """Training FLOPs (forward + backward) per video/audio token of a sample with these token
+        counts (the tokens ``perf/tokens_per_s`` counts; text is context). The formulas are in
+        :mod:`sora.models.flops`, checked against torch's FLOP counter."""
+        from sora.models.flops import dit_training_flops
 
-        Weight FLOPs: 6 x the per-token weights of the token's own stream (AdaLN weights act per
-        sample, not per token, and are left out). Attention: 12 x depth x dim x keys seen.
-        """
-        n = {"video": video_tokens, "audio": audio_tokens, "text": text_tokens}
-        total = sum(n.values())
-        flops = 0.0
-        for m in MODALITIES:
-            w = sum(p.numel() for blk in self.blocks for name, p in blk.streams[m].named_parameters()
-                    if "adaLN" not in name)
-            if self.fusion == "joint":
-                keys = total
-            else:
-                keys = {"video": video_tokens + text_tokens + audio_tokens,
-                        "audio": audio_tokens + text_tokens + video_tokens,
-                        "text": 2 * text_tokens + video_tokens + audio_tokens}[m]
-            flops += n[m] * (6 * w + 12 * self.depth * self.dim * keys)
-        return flops / max(total, 1)
+        return dit_training_flops(self, video_tokens, audio_tokens, text_tokens) / max(video_tokens + audio_tokens, 1)
 
     def estimate_mfu(self, tokens_per_second: float, tokens: tuple[int, int, int], peak_flops: float) -> float:
         """Model FLOPs utilisation given throughput, (video, audio, text) tokens per sample, peak FLOP/s."""

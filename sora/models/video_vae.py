@@ -366,26 +366,5 @@ def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: 
     return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(max=max_weight).detach()
 
 
-def estimate_flops(model: VideoVAE, video_shape) -> int:
-    """Rough multiply-add count x2 of encode + decode for one clip (convolutions only)."""
-    flops, hooks = [0], []
-
-    def hook(m, inp, out):
-        k = m.weight[0].numel()  # cin/groups * kernel volume
-        flops[0] += 2 * k * out.numel()
-
-    for m in model.modules():
-        if isinstance(m, nn.Conv3d):
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            x = torch.zeros(video_shape, device=next(model.parameters()).device)
-            model.decode(model.encode(x).mode())
-    finally:
-        for h in hooks:
-            h.remove()
-    return flops[0]
-
-
 __all__ = ["VideoVAE", "DiagonalGaussian", "CausalConv3d", "PatchDiscriminator3D", "hinge_d_loss",
-           "hinge_g_loss", "adaptive_weight", "estimate_flops", "tiled", "TINY_CONFIG"]
+           "hinge_g_loss", "adaptive_weight", "tiled", "TINY_CONFIG"]

@@ -169,15 +169,25 @@ class RNGState(Callback):
             self._pending = None
 
 
+# Dense peak FLOP/s of one device (no sparsity), for ``Throughput(peak_flops=NAME)``.
+PEAK_FLOPS = {"h100_bf16": 989.4e12, "h200_bf16": 989.4e12, "h100_tf32": 494.7e12, "h200_tf32": 494.7e12,
+              "a100_bf16": 312e12, "a100_tf32": 156e12}
+
+
 class Throughput(Callback):
     """Logs ``perf/samples_per_s`` and ``perf/tokens_per_s`` (mean over the last ``window`` steps).
 
     Tokens per batch come from ``pl_module.batch_tokens(batch)`` when the module defines it
     (latent positions for the autoencoders, video + audio tokens for the DiT). When the
-    module also has ``flops_per_token()`` and ``peak_flops`` is given, ``perf/mfu`` too.
+    module also has ``flops_per_token()`` and ``peak_flops`` is given (FLOP/s, or a preset
+    name of :data:`PEAK_FLOPS` such as ``h100_bf16``), ``perf/mfu`` too.
     """
 
-    def __init__(self, window: int = 20, peak_flops: float | None = None):
+    def __init__(self, window: int = 20, peak_flops: float | str | None = None):
+        if isinstance(peak_flops, str):
+            if peak_flops not in PEAK_FLOPS:
+                raise ValueError(f"Throughput: peak_flops={peak_flops!r}: give FLOP/s or one of {sorted(PEAK_FLOPS)}")
+            peak_flops = PEAK_FLOPS[peak_flops]
         self.window, self.peak_flops = int(window), peak_flops
         self._times: deque = deque(maxlen=self.window)
         self._t0 = None
