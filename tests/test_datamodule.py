@@ -71,17 +71,22 @@ def test_shard_stream_in_the_datamodule_rejects_bad_size():
         ShardClipStream("x.tar", _timeline(), batch_size=2)
 
 
-def test_a_checkpoint_from_another_world_size_restarts_the_stream(caplog):
+def test_a_checkpoint_from_another_world_size_reshards_the_stream(caplog):
+    """2 ranks that consumed 1 batch each -> 1 rank: it goes on after 2 batches of the epoch."""
     from sora.data.datamodule import RankedLoader
 
-    stream = WorldClipStream({"width": 32, "height": 32, "seconds": 1.0}, _timeline(), batch_size=2, clips=8)
-    loader = RankedLoader(stream, batch_size=None)
-    first = next(iter(loader)).keys
-    saved = loader.state_dict()
+    def loader():
+        return RankedLoader(WorldClipStream({"width": 32, "height": 32, "seconds": 1.0}, _timeline(), batch_size=2,
+                                            clips=8), batch_size=None)
+
+    one = loader()
+    batches = iter(one)
+    keys = [next(batches).keys for _ in range(3)]
+    one.consumed(1)
+    saved = one.state_dict()
     assert saved["world_size"] == 1 and len(saved["ranks"]) == 1
     with caplog.at_level("WARNING"):
-        fresh = RankedLoader(WorldClipStream({"width": 32, "height": 32, "seconds": 1.0}, _timeline(), batch_size=2,
-                                             clips=8), batch_size=None)
+        fresh = loader()
         fresh.load_state_dict({"world_size": 2, "ranks": saved["ranks"] * 2})
-    assert "2 ranks, this run has 1" in caplog.text
-    assert next(iter(fresh)).keys == first
+    assert "2 ranks x 1 workers, this run has 1 x 1: resharded" in caplog.text
+    assert next(iter(fresh)).keys == keys[2]

@@ -43,10 +43,17 @@ def checkpoint_kind(ckpt: dict, path) -> str:
 
 
 def load_checkpoint(path) -> dict:
+    """A Lightning ``.ckpt`` or a ``.safetensors`` export (tools/export_checkpoint.py; no unpickling)."""
     import torch
 
+    from sora.training.export import SUFFIX, ExportError, read_export
+
     try:
+        if str(path).endswith(SUFFIX):
+            return read_export(path)
         return torch.load(str(path), map_location="cpu", weights_only=False)
+    except ExportError as e:
+        raise SystemExit(f"sora-eval: {e}") from None
     except Exception as e:  # noqa: BLE001 - anything unreadable is one line
         raise SystemExit(f"sora-eval: {path} is not a checkpoint ({' '.join(str(e).split())[:200]})") from None
 

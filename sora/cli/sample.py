@@ -42,11 +42,19 @@ CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def read_checkpoint(ckpt_path: str) -> dict:
-    """The checkpoint dict of a DiT run; one-line SystemExit for anything else."""
+    """The checkpoint dict of a DiT run (a Lightning ``.ckpt``, or a ``.safetensors`` export of
+    ``tools/export_checkpoint.py``, read without unpickling); one-line SystemExit for anything else."""
     import torch
 
+    from sora.training.export import SUFFIX, ExportError, read_export
+
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if str(ckpt_path).endswith(SUFFIX):
+            ckpt = read_export(ckpt_path)
+        else:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except ExportError as e:
+        raise SystemExit(f"sora-sample: {e}") from None
     except Exception as e:  # noqa: BLE001 - not a torch file at all
         raise SystemExit(f"sora-sample: {ckpt_path} is not a checkpoint ({' '.join(str(e).split())[:200]})") from None
     model = (ckpt.get("sora_config") or {}).get("model") if isinstance(ckpt, dict) else None
@@ -186,6 +194,9 @@ def sample(cfg: DictConfig) -> list[Path]:
     from sora.media import MediaError, read_audio, write_av
     from sora.training.sampling import generate
 
+    if Path(cfg.ckpt).is_dir():
+        raise SystemExit(f"sora-sample: ckpt={cfg.ckpt} is a sharded checkpoint folder (DeepSpeed / FSDP2): export it "
+                         f"first: python tools/export_checkpoint.py {cfg.ckpt} model.safetensors")
     if not Path(cfg.ckpt).is_file():
         raise SystemExit(f"sora-sample: no checkpoint at {cfg.ckpt}")
     if cfg.video is not None and cfg.audio is not None:

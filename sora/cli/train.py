@@ -12,7 +12,9 @@ resume is exact (weights, optimizer, schedule, EMA, data stream position).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -54,9 +57,49 @@ def resolve_ckpt(ckpt_path, run_dir: Path) -> str | None:
     if ckpt_path in (None, ""):
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if str(ckpt_path) == "last" else Path(str(ckpt_path))
-    if not path.is_file():
+    if not path.exists():  # a file, or a folder (DeepSpeed, distributed checkpoints)
         raise SystemExit(f"sora-train: error in ckpt_path={ckpt_path}: no checkpoint at {path}")
     return str(path)
+
+
+def submitit_local_ranks() -> None:
+    """A job of submitit's local executor with several tasks (``hydra/launcher=local``: one task per device):
+    export submitit's own rank, world size and main address/port as torch's env:// variables, so that
+    Lightning joins these processes (its LightningEnvironment sees ``LOCAL_RANK``) instead of starting more.
+    On SLURM nothing is needed: Lightning's SLURMEnvironment reads srun's variables, torchrun's its own."""
+    if int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1 and "LOCAL_RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def check_launch(trainer) -> None:
+    """A multirun (``-m``) job with several processes needs them started by the sweep's launcher, one
+    submitit task per device. Lightning's own launcher would re-run this command, i.e. the whole sweep, in
+    each extra rank (lightning-hydra-template #393: duplicated sweep dirs, ranks on different trials, hangs),
+    and torchrun/srun around ``-m`` would run one sweep per rank."""
+    hydra_cfg = HydraConfig.get()
+    processes = trainer.num_devices * trainer.num_nodes
+    if hydra_cfg.mode != RunMode.MULTIRUN or processes == 1:
+        return
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    by_submitit = "submitit" in str(hydra_cfg.launcher.get("_target_", ""))
+    if by_submitit and env is not None and env.creates_processes_externally:
+        return
+    raise SystemExit(
+        f"sora-train: error in trainer: a multirun (-m) job with {processes} processes (trainer.devices x "
+        "trainer.num_nodes) needs one process per rank from the sweep's launcher: add hydra/launcher=local (this "
+        "machine) or hydra/launcher=slurm, or run without -m (see the README, Multi-node)")
+
+
+def objective(metrics: dict, name: str | None) -> float | None:
+    """The number a sweeper optimizes (``optimized_metric``, e.g. ``val/loss``), or None when not set."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise SystemExit(f"sora-train: error in optimized_metric={name}: this run logged no such metric; "
+                         f"it logged {', '.join(sorted(metrics)) or 'none'}")
+    return metrics[name]
 
 
 def train(cfg: DictConfig) -> dict:
@@ -71,6 +114,14 @@ def train(cfg: DictConfig) -> dict:
         logging.getLogger("lightning").handlers.clear()
     L.seed_everything(cfg.seed, workers=True)
     build(cfg.timeline, "timeline")  # a bad timing config fails first, with its own message
+    if cfg.get("dry_run"):  # dry_run=true or any dry_run.* key: parameters, FLOPs, memory per bucket; no training
+        from sora.training.dry_run import dry_run
+
+        try:
+            if dry_run(cfg) is not None:  # None: every dry_run key null
+                return {}
+        except Exception as e:  # noqa: BLE001 - one line naming the part
+            raise fail("dry_run", e) from e
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
     callbacks = named(cfg.get("callbacks"), "callbacks")
@@ -80,11 +131,16 @@ def train(cfg: DictConfig) -> dict:
 
         callbacks.append(RichProgressBar())
     loggers = named(cfg.get("logger"), "logger")
-    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    submitit_local_ranks()
+    strategy = {"strategy": build(cfg.strategy, "strategy")} if "_target_" in (cfg.get("strategy") or {}) else {}
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **strategy)
+    check_launch(trainer)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    if trainer.global_rank == 0:  # the run's final metrics, for sweep summaries (tools/sweep_summary.py)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     last = run_dir / "checkpoints" / "last.ckpt"
     print(f"sora-train: step {trainer.global_step} in {seconds:.1f} s; "
           + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("train/loss", "val/"))))
@@ -111,10 +167,10 @@ def check_overrides(args: list[str], config: str = "train", prog: str = "sora-tr
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # frozen VAEs in the DiT stage
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    train(cfg)
+    return objective(train(cfg), cfg.get("optimized_metric"))  # what a sweeper (hparams_search=) minimizes
 
 
 def main() -> None:

@@ -11,6 +11,14 @@ position with each batch it hands out, and Lightning saves its ``state_dict`` in
   marks which one was consumed: that is the state saved.
 * Lightning saves rank 0's copy only, so the state gathers the positions of all ranks and each
   rank takes its own back on load.
+
+A checkpoint resumed at another world size (or number of workers) cannot restore each worker's
+own position: the clips are split over ``ranks x workers`` global workers, so that split changes.
+Then the stream is *resharded* (:func:`reshard_position`): the batches the old workers consumed in
+the current epoch are divided evenly over the new workers, each of which skips its share of the
+epoch's plan and goes on. The run thus continues about as far into the epoch as it was; within
+that epoch some clips may come twice and others not at all (the split differs), and the
+following epochs are those of a fresh run at the new size. A warning says so.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from sora.data.packing import PackedBatch
 from sora.data.pipeline import ClipBatch, ClipStream
 
 log = logging.getLogger(__name__)
@@ -30,6 +39,24 @@ log = logging.getLogger(__name__)
 def _dist():
     d = torch.distributed
     return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def worker_positions(rank_state: dict) -> list[tuple[int, int]]:
+    """(epoch, batches) of each worker of one rank's StatefulDataLoader state, in worker order."""
+    workers = (rank_state.get("_snapshot") or {}).get("_worker_snapshots")
+    states = [workers[f"worker_{i}"]["dataset_state"] for i in range(len(workers))] if workers \
+        else [rank_state["dataset_state"]]
+    return [(int(s["epoch"]), int(s["batches"])) for s in states]
+
+
+def reshard_position(positions: list[tuple[int, int]], workers: int) -> tuple[int, int]:
+    """Where each of ``workers`` new global workers starts, from the old workers' (epoch, batches):
+    the oldest epoch among them, and an even share of the batches consumed in it (a worker already
+    in a later epoch counts as having consumed as many as the furthest one still in it)."""
+    epoch = min(e for e, _ in positions)
+    current = [b for e, b in positions if e == epoch]
+    consumed = sum(current) + max(current) * (len(positions) - len(current))
+    return epoch, consumed // workers
 
 
 class RankedLoader(StatefulDataLoader):
@@ -44,7 +71,7 @@ class RankedLoader(StatefulDataLoader):
             self._states[step] = super().state_dict()
             while len(self._states) > self.history:
                 self._states.popitem(last=False)
-            if isinstance(batch, ClipBatch):
+            if isinstance(batch, (ClipBatch, PackedBatch)):
                 batch.loader_step = step
             yield batch
 
@@ -67,11 +94,18 @@ class RankedLoader(StatefulDataLoader):
         if "ranks" not in state:  # a plain StatefulDataLoader state
             return super().load_state_dict(state)
         rank, world = _dist()
-        if state["world_size"] != world:
-            log.warning("data: the checkpoint has stream positions for %d ranks, this run has %d: "
-                        "the data streams start again from their first epoch", state["world_size"], world)
-            return None
-        return super().load_state_dict(state["ranks"][rank])
+        positions = [p for r in state["ranks"] for p in worker_positions(r)]
+        workers = world * max(1, self.num_workers)
+        if state["world_size"] == world and len(positions) == workers:
+            return super().load_state_dict(state["ranks"][rank])
+        epoch, batches = reshard_position(positions, workers)
+        if rank == 0:
+            log.warning("data: the checkpoint has stream positions for %d ranks x %d workers, this run has %d x %d: "
+                        "resharded, every worker starts at epoch %d after %d batches (within this epoch some clips "
+                        "may repeat or be missed)", state["world_size"], len(positions) // state["world_size"],
+                        world, max(1, self.num_workers), epoch, batches)
+        self.dataset.load_state_dict({**self.dataset.state_dict(), "epoch": epoch, "batches": batches})
+        return None
 
 
 class AVDataModule(L.LightningDataModule):
@@ -86,6 +120,11 @@ class AVDataModule(L.LightningDataModule):
     def _loader(self, stream: ClipStream) -> RankedLoader:
         if self.trainer is not None:
             stream.rank, stream.world_size = self.trainer.global_rank, self.trainer.world_size
+            sp = getattr(self.trainer.lightning_module, "sequence_parallel", 1)
+            if sp > 1:  # the ranks of one sequence-parallel group read the same clips
+                from sora.training.sequence_parallel import data_parallel_rank
+
+                stream.rank, stream.world_size = data_parallel_rank(sp, stream.rank, stream.world_size)
         workers = self.num_workers
         return RankedLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if workers > 0 else None,
@@ -96,11 +135,12 @@ class AVDataModule(L.LightningDataModule):
         return self._train_loader
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return batch.normalize() if isinstance(batch, ClipBatch) else batch
+        return batch.normalize() if isinstance(batch, (ClipBatch, PackedBatch)) else batch
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         loader = getattr(self, "_train_loader", None)
-        if loader is not None and self.trainer is not None and self.trainer.training and isinstance(batch, ClipBatch):
+        if (loader is not None and self.trainer is not None and self.trainer.training
+                and isinstance(batch, (ClipBatch, PackedBatch))):
             loader.consumed(batch.loader_step)
         return batch
 

@@ -13,6 +13,10 @@ worker's state with each batch), a worker replays the plan without decoding up t
 and continues with the exact next sample. A sample that fails to decode is dropped from its
 batch, named in a warning and counted (``ClipBatch.skipped``); the run goes on.
 
+Packing (``pack={max_tokens: N}``, :mod:`sora.data.packing`): the plan fills packs of clips of any
+bucket up to ``N`` DiT tokens instead of ``batch_size`` clips of one bucket, and yields
+``PackedBatch``es (one ClipBatch per bucket present); the resume state is unchanged.
+
 Splitting: shards are dealt out over ``world_size * num_workers`` global workers; when there
 are fewer shards than workers every worker reads every shard and keeps every n-th sample.
 Streams are infinite (epochs reshuffle) unless ``infinite=False``.
@@ -35,6 +39,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sora.data.buckets import Bucket, cover_size, crop, make_buckets, nearest_bucket
+from sora.data.packing import PackedBatch, Packer, group_by_bucket
 from sora.media import VIDEO_EXTS, probe_av, read_av
 from sora.timeline import Timeline
 
@@ -105,11 +110,13 @@ class ClipStream(IterableDataset, ABC):
 
     def __init__(self, timeline: Timeline, batch_size: int, size: tuple[int, int] | None = None,
                  buckets: dict | None = None, seed: int = 0, shuffle: bool = True, infinite: bool = True,
-                 channels: int = 1, random_crop: bool = True):
+                 channels: int = 1, random_crop: bool = True, pack: dict | None = None):
         if (size is None) == (buckets is None):
             raise ValueError("data: give exactly one of size=[H, W] or buckets={area, ratios, multiple}")
         self.timeline, self.batch_size, self.seed = timeline, int(batch_size), int(seed)
         self.buckets = [Bucket(*map(int, size))] if size is not None else make_buckets(**buckets)
+        # packing: batches by DiT tokens over all buckets instead of batch_size clips of one bucket
+        self.packer = None if pack is None else Packer(self.buckets, timeline, **pack)
         self.shuffle, self.infinite, self.channels, self.random_crop = shuffle, infinite, channels, random_crop
         self.rank, self.world_size = None, None   # set by the datamodule; else torch.distributed
         self._epoch, self._batches, self._skipped = 0, 0, 0
@@ -144,7 +151,11 @@ class ClipStream(IterableDataset, ABC):
         return rank * nw + wid, world * nw
 
     def plan(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[int, list[dict]]]:
-        """Batches of undecoded items: a batch is emitted when its bucket fills up."""
+        """Batches of undecoded items: a batch is emitted when its bucket fills up. Packing: packs
+        ``(bucket of each item, items)`` from :meth:`Packer.plan`."""
+        if self.packer is not None:
+            yield from self.packer.plan(self.items(epoch, worker, num_workers))
+            return
         pending: dict[int, list[dict]] = {}
         for item, b in self.items(epoch, worker, num_workers):
             pending.setdefault(b, []).append(item)
@@ -161,11 +172,11 @@ class ClipStream(IterableDataset, ABC):
             for index, (b, items) in enumerate(self.plan(epoch, worker, num_workers)):
                 if index < done:
                     continue  # replaying the plan up to the restored position: nothing decoded
-                samples = []
-                for item in items:
+                samples = []  # (bucket, sample)
+                for item, bi in zip(items, b if isinstance(b, list) else [b] * len(items)):
                     rng = np.random.default_rng(_seed(self.seed, epoch, item["__key__"]))
                     try:
-                        samples.append(self.decode(item, self.buckets[b], rng))
+                        samples.append((bi, self.decode(item, self.buckets[bi], rng)))
                     except Exception as e:  # noqa: BLE001 - any bad sample is skipped, named and counted
                         self._skipped += 1
                         log.warning("data: skipped %s (%s): %s", item["__key__"], item.get("__url__", "world"),
@@ -173,8 +184,7 @@ class ClipStream(IterableDataset, ABC):
                 self._epoch, self._batches = epoch, index + 1
                 if samples:
                     yielded += 1
-                    yield collate(samples, float(self.timeline.fps_q), self.timeline.sample_rate,
-                                  skipped=len(items) - len(samples))
+                    yield self._batch(samples, skipped=len(items) - len(samples))
             if not self.infinite:
                 return
             if yielded == 0 and resumed_at == 0:  # a whole epoch without one batch: would spin forever
@@ -182,6 +192,12 @@ class ClipStream(IterableDataset, ABC):
                                    f"epoch (too few samples for batch_size={self.batch_size}, or all unreadable)")
             epoch, done = epoch + 1, 0
             self._epoch, self._batches = epoch, 0
+
+    def _batch(self, samples: list[tuple[int, Sample]], skipped: int):
+        fps, rate = float(self.timeline.fps_q), self.timeline.sample_rate
+        if self.packer is None:
+            return collate([s for _, s in samples], fps, rate, skipped=skipped)
+        return PackedBatch([collate(group, fps, rate) for group in group_by_bucket(samples)], skipped=skipped)
 
     def _fit_audio(self, audio: np.ndarray, mask: np.ndarray):
         n = self.timeline.num_samples
@@ -292,13 +308,19 @@ def expand_shards(urls) -> list[str]:
 
 
 class WorldClipStream(ClipStream):
-    """Bouncing-ball world clips generated on the fly: a fixed set of ``clips`` scenes per epoch."""
+    """Bouncing-ball world clips generated on the fly: a fixed set of ``clips`` scenes per epoch.
+
+    With ``buckets`` (the world has no aspect ratio of its own) clip ``i`` gets a bucket drawn from
+    (seed, i) and is rendered at that bucket's size: mixed aspect ratios for bucketing and packing.
+    """
 
     def __init__(self, world, timeline: Timeline, batch_size: int, clips: int = 1024, **kw):
         from sora.data.world import WorldConfig
 
         world = world if isinstance(world, WorldConfig) else WorldConfig(**world)
-        kw.setdefault("size", (world.height, world.width))
+        self.render_at_bucket = kw.get("buckets") is not None
+        if not self.render_at_bucket:
+            kw.setdefault("size", (world.height, world.width))
         super().__init__(timeline, batch_size, **kw)
         if (world.seconds, world.fps, world.sample_rate) != (timeline.seconds, timeline.fps, timeline.sample_rate):
             raise ValueError(f"data.world: seconds/fps/sample_rate {world.seconds}/{world.fps}/{world.sample_rate} "
@@ -310,12 +332,16 @@ class WorldClipStream(ClipStream):
         if self.shuffle:
             random.Random(_seed(self.seed, epoch)).shuffle(order)
         for i in order[worker::num_workers]:
-            yield {"__key__": f"world-{self.seed}-{i:07d}", "index": i}, 0
+            bucket = _seed(self.seed, "bucket", i) % len(self.buckets) if self.render_at_bucket else 0
+            yield {"__key__": f"world-{self.seed}-{i:07d}", "index": i}, bucket
 
     def decode(self, item, bucket, rng):
+        from dataclasses import replace
+
         from sora.data.world import make_clip
 
-        clip = make_clip(_seed(self.seed, item["index"]), self.world)
+        world = replace(self.world, height=bucket.height, width=bucket.width) if self.render_at_bucket else self.world
+        clip = make_clip(_seed(self.seed, item["index"]), world)
         frames = clip.frames
         if frames.shape[1:3] != (bucket.height, bucket.width):
             frames = crop(frames, bucket, rng if self.random_crop else None)

@@ -10,6 +10,13 @@ One entry point, :func:`attention`, for every attention in the models:
   broadcast to ``[B, 1, 1, L_k]``. Every query row is computed.
 * ``"auto"``: flash when flash-attn imports, the tensors are on CUDA and in fp16/bf16, else sdpa.
 
+Packed samples (sequence packing, ``AVDiT.forward_packed``): ``mask`` and ``q_mask`` may instead
+be integer segment ids ``[B, L]`` (the sample of each key / query; -1 = a key nobody sees). A
+query then attends only to the keys of its own segment: block-diagonal attention. sdpa gets the
+block mask ``q_seg == k_seg``; flash sorts tokens by segment and runs the varlen kernel with one
+``cu_seqlens`` entry per segment (:func:`segment_varlen_attention`), so no FLOP is spent across
+samples.
+
 The flash path is written against the flash-attn 2 API; :func:`varlen_attention_reference` is
 a CPU twin of the varlen kernel, so tests run the same packing code and prove it equals sdpa.
 
@@ -59,18 +66,61 @@ def attention(q, k, v, mask=None, backend="auto", q_mask=None):
 
     ``q_mask`` (bool [B, Lq]) only lets the flash path skip padded queries (their rows come
     back as zeros); sdpa computes every row. Compare the two on unmasked rows only.
+    Integer ``mask`` and ``q_mask``: segment ids of keys and queries (block-diagonal, see above).
     """
     backend = select_backend(q, backend)
+    segments = mask is not None and mask.dtype != torch.bool
+    if segments and (q_mask is None or q_mask.dtype == torch.bool):
+        raise ValueError("attention: key segment ids need the queries' segment ids as q_mask")
     if backend == "flash":
         if flash_attn_varlen_func is None:
             raise RuntimeError("attention backend='flash' needs flash-attn (pip install flash-attn)")
+        if segments:
+            return segment_varlen_attention(q, k, v, mask, q_mask, kernel=flash_attn_varlen_func)
         return varlen_attention(q, k, v, mask, q_mask, kernel=flash_attn_varlen_func)
+    if segments:
+        return sdpa_attention(q, k, v, segment_mask(q_mask, mask))
     return sdpa_attention(q, k, v, mask)
 
 
 def sdpa_attention(q, k, v, mask=None):
-    attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)  # no host sync
+    """``mask``: bool [B, Lk] key padding, or a full bool [B, 1, Lq, Lk] (e.g. :func:`segment_mask`)."""
+    if mask is not None and mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    attn_mask = None if mask is None else mask.to(torch.bool)  # no host sync
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def segment_mask(q_seg: torch.Tensor, k_seg: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal bool mask [B, 1, Lq, Lk]: query i sees key j iff they share a segment (>= 0)."""
+    return ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] >= 0))[:, None]
+
+
+def segment_order(seg: torch.Tensor, segments: int):
+    """Token order for the varlen kernel: seg [B, L] int (-1 = left out) -> (indices into the
+    flattened B*L tokens, grouped by (row, segment), cu_seqlens int32 [B*segments+1], max_len)."""
+    b = seg.shape[0]
+    offset = torch.arange(b, device=seg.device)[:, None] * segments
+    group = torch.where(seg >= 0, seg + offset, -1).reshape(-1)
+    kept = torch.nonzero(group >= 0, as_tuple=False).flatten()
+    indices = kept[torch.argsort(group[kept], stable=True)]
+    counts = torch.bincount(group[kept], minlength=b * segments)
+    cu_seqlens = F.pad(torch.cumsum(counts, dim=0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens, int(counts.max().item()) if counts.numel() else 0
+
+
+def segment_varlen_attention(q, k, v, k_seg, q_seg, kernel: Callable | None = None):
+    """The flash path for packed samples: gather each segment's queries and keys into one varlen
+    sequence, run ``kernel`` (``flash_attn_varlen_func`` or its CPU twin), scatter back."""
+    kernel = kernel or flash_attn_varlen_func
+    b, _, lq, _ = q.shape
+    segments = int(torch.maximum(q_seg.max(), k_seg.max()).item()) + 1
+    idx_q, cu_q, max_q = segment_order(q_seg, segments)
+    idx_k, cu_k, max_k = segment_order(k_seg, segments)
+    flat = lambda x: x.transpose(1, 2).flatten(0, 1)  # noqa: E731  [B, H, L, D] -> [B*L, H, D]
+    qp, kp, vp = flat(q)[idx_q], flat(k)[idx_k], flat(v)[idx_k]  # (indexing: a faster backward than index_select's)
+    out = kernel(qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False)
+    return unpack(out, idx_q, b, lq).transpose(1, 2)
 
 
 def pack(x: torch.Tensor, mask: torch.Tensor | None):
@@ -114,9 +164,9 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         k0, k1 = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
         if q1 == q0 or k1 == k0:
             continue
-        o = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
-                                           v[k0:k1].transpose(0, 1), scale=softmax_scale)
-        out[q0:q1] = o.transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[None, q0:q1].transpose(1, 2), k[None, k0:k1].transpose(1, 2),
+                                           v[None, k0:k1].transpose(1, 2), scale=softmax_scale)  # 4D: fused CPU kernel
+        out[q0:q1] = o[0].transpose(0, 1)
     return out
 
 
@@ -194,6 +244,7 @@ else:  # pragma: no cover - older torch
             return xf.to(x.dtype) * self.weight
 
 
-__all__ = ["attention", "select_backend", "sdpa_attention", "varlen_attention",
+__all__ = ["attention", "select_backend", "sdpa_attention", "varlen_attention", "segment_mask",
+           "segment_order", "segment_varlen_attention",
            "varlen_attention_reference", "pack", "unpack", "rope_axes_dims",
            "rope_frequencies", "apply_rope", "RMSNorm", "ROPE_THETA", "ROPE_SCALE"]

@@ -21,6 +21,11 @@ Hydra ``_target_`` maps one-to-one; ``initialize_weights`` is the one place weig
 * The last block's text stream is "pre-only" (SD3 ``context_pre_only``): it only supplies keys
   and values, since its output would be discarded.
 * Final layer per modality: AdaLN + linear, zero-initialised, so the initial output is 0.
+* Sequence packing (:meth:`AVDiT.forward_packed`): samples of different sizes and durations run as
+  one sequence ``[1, total, D]`` per stream through the same blocks. ``masks`` then hold integer
+  segment ids (the sample of each token) instead of key-padding bools: the per-sample AdaLN
+  modulation is gathered per token, and every attention is block-diagonal (a token sees only the
+  tokens of its own sample: SDPA with a block mask, or flash-attn varlen with ``cu_seqlens``).
 
 Activation checkpointing: ``blocks`` is an ``nn.ModuleList`` so an outside transform (the
 training strategy) can wrap them; ``checkpoint_activations=True`` is the minimal built-in switch.
@@ -40,8 +45,23 @@ from sora.models.attention import ROPE_SCALE, ROPE_THETA, RMSNorm, apply_rope, a
 MODALITIES = ("video", "audio", "text")
 
 
+def per_token(v):
+    """A modulation tensor per sample ``[B, D]`` -> ``[B, 1, D]``; per token ``[B, L, D]`` (packed) as is."""
+    return v[:, None] if v.dim() == 2 else v
+
+
 def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return x * (1 + per_token(scale)) + per_token(shift)
+
+
+def gather_segments(per_sample: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Rows [S, ...] of each sample -> one per token [B, L, ...], for segment ids [B, L]."""
+    return per_sample[segments]  # (its backward, an accumulating index_put, beats index_select's on CPU)
+
+
+def is_packed(masks: dict) -> bool:
+    """Whether ``masks`` hold segment ids (a packed sequence) rather than key-padding bools."""
+    return masks["video"].dtype != torch.bool
 
 
 class TimestepEmbedder(nn.Module):
@@ -109,6 +129,9 @@ class MMDiTBlock(nn.Module):
                  attn_backend="auto"):
         super().__init__()
         self.fusion, self.attn_backend = fusion, attn_backend
+        # every attention of the block goes through this attribute, so that a parallelism can wrap
+        # it from outside (sora.training.sequence_parallel); the model itself never changes it
+        self.attention_fn = attention
         cross = fusion == "dual_stream"
         self.streams = nn.ModuleDict({
             "video": Stream(dim, heads, mlp_ratio, qk_norm, cross=cross),
@@ -121,22 +144,36 @@ class MMDiTBlock(nn.Module):
         k = torch.cat([qkv[m][1] for m in keys], dim=2)
         v = torch.cat([qkv[m][2] for m in keys], dim=2)
         mask = torch.cat([masks[m] for m in keys], dim=1)
-        o = attention(q, k, v, mask, backend=self.attn_backend)
+        if is_packed(masks):  # block-diagonal: the queries' segments too
+            q_seg = torch.cat([masks[m] for m in queries], dim=1)
+            o = self.attention_fn(q, k, v, mask, backend=self.attn_backend, q_mask=q_seg)
+        else:
+            o = self.attention_fn(q, k, v, mask, backend=self.attn_backend)
         o = rearrange(o, "b h l d -> b l (h d)")
         return dict(zip(queries, o.split([qkv[m][0].shape[2] for m in queries], dim=1)))
 
-    def _cross(self, src, dst, x, mods, freqs):
-        """Stream ``src`` queries stream ``dst``; returns the (ungated) update for ``src``."""
+    def _cross(self, src, dst, x, mods, freqs, mask=None, q_mask=None):
+        """Stream ``src`` queries stream ``dst`` (key mask ``mask``; packed: key and query segment ids
+        ``mask``, ``q_mask``); returns the (ungated) update for ``src``."""
         s, d = self.streams[src], self.streams[dst]
         q = s.cross_q_norm(s.heads_of(s.cross_q(modulate(s.norm_cross(x[src]), *mods[src][6:8]))))
         k, v = d.cross_kv(modulate(d.norm_cross(x[dst]), *mods[dst][6:8])).chunk(2, dim=-1)
         k, v = d.cross_k_norm(d.heads_of(k)), d.heads_of(v)
-        o = attention(apply_rope(q, freqs[src]), apply_rope(k, freqs[dst]), v, backend=self.attn_backend)
+        q, k = apply_rope(q, freqs[src]), apply_rope(k, freqs[dst])
+        if q_mask is None:
+            o = self.attention_fn(q, k, v, mask, backend=self.attn_backend)
+        else:
+            o = self.attention_fn(q, k, v, mask, backend=self.attn_backend, q_mask=q_mask)
         return s.cross_proj(rearrange(o, "b h l d -> b l (h d)"))
 
     def forward(self, x: dict, c: dict, rope: dict, masks: dict, rope_time: dict | None = None):
-        mods = {m: self.streams[m].adaLN_modulation(c[m]).chunk(self.streams[m].n_mod, dim=-1)
-                for m in MODALITIES}
+        packed = is_packed(masks)
+        mods = {}
+        for m in MODALITIES:
+            mod = self.streams[m].adaLN_modulation(c[m])
+            if packed:  # c is per sample [S, D]: every token takes its sample's row -> [1, L, n_mod * D]
+                mod = gather_segments(mod, masks[m])
+            mods[m] = mod.chunk(self.streams[m].n_mod, dim=-1)
         qkv = {m: self.streams[m].qkv_heads(x[m], mods[m], rope.get(m)) for m in MODALITIES}
         out_names = [m for m in MODALITIES if not self.streams[m].pre_only]
         if self.fusion == "joint":
@@ -150,15 +187,16 @@ class MMDiTBlock(nn.Module):
                 o["text"] = 0.5 * (ov["text"] + oa["text"])
         x = dict(x)
         for m in out_names:
-            x[m] = x[m] + mods[m][2][:, None] * self.streams[m].proj(o[m])
+            x[m] = x[m] + per_token(mods[m][2]) * self.streams[m].proj(o[m])
         if self.fusion == "dual_stream":
-            dv = self._cross("video", "audio", x, mods, rope_time)
-            da = self._cross("audio", "video", x, mods, rope_time)
-            x["video"] = x["video"] + mods["video"][8][:, None] * dv
-            x["audio"] = x["audio"] + mods["audio"][8][:, None] * da
+            qv, qa = (masks["video"], masks["audio"]) if packed else (None, None)
+            dv = self._cross("video", "audio", x, mods, rope_time, masks["audio"], qv)
+            da = self._cross("audio", "video", x, mods, rope_time, masks["video"], qa)
+            x["video"] = x["video"] + per_token(mods["video"][8]) * dv
+            x["audio"] = x["audio"] + per_token(mods["audio"][8]) * da
         for m in out_names:
             s, (sh, sc, g) = self.streams[m], mods[m][3:6]
-            x[m] = x[m] + g[:, None] * s.mlp(modulate(s.norm2(x[m]), sh, sc))
+            x[m] = x[m] + per_token(g) * s.mlp(modulate(s.norm2(x[m]), sh, sc))
         return x
 
 
@@ -169,8 +207,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, out_dim)
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+    def forward(self, x, c, segments=None):
+        """``c`` per sample [B, D]; packed: ``x`` [1, L, D] and ``segments`` [1, L] (each token's sample)."""
+        mod = self.adaLN_modulation(c)
+        shift, scale = (mod if segments is None else gather_segments(mod, segments)).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -235,45 +275,106 @@ class AVDiT(nn.Module):
         return video, audio
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
-        """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt],
-        t_video/t_audio [B] in [0, 1], video_times [T'] / audio_times [L] seconds (float64 keeps phase
-        precision on long clips) -> (v_video, v_audio)."""
-        b, _, frames, height, width = video.shape
+    def _check_latents(self, frames, height, width, audio_steps, video_times, audio_times):
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(f"video latent {height}x{width} is not divisible by patch_size={p}")
-        if video_times.shape[-1] != frames or audio_times.shape[-1] != audio.shape[-1]:
+        if video_times.shape[-1] != frames or audio_times.shape[-1] != audio_steps:
             raise ValueError(f"video_times {tuple(video_times.shape)} / audio_times {tuple(audio_times.shape)} "
-                             f"do not match {frames} video and {audio.shape[-1]} audio latent steps")
-        h, w = height // p, width // p
+                             f"do not match {frames} video and {audio_steps} audio latent steps")
+        return height // p, width // p
+
+    def _conditioning(self, text, text_mask, t_video, t_audio) -> dict:
+        """Per sample [B, D]: timestep embedding per modality + pooled real text tokens."""
+        weights = text_mask.to(text.dtype)[..., None]
+        pooled = self.text_pool((text * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+        c_video = self.t_embed_video(t_video) + pooled
+        c_audio = self.t_embed_audio(t_audio) + pooled
+        return {"video": c_video, "audio": c_audio, "text": 0.5 * (c_video + c_audio)}
+
+    def _rotary(self, pos_v, pos_a):
+        rope = {"video": self._rope(pos_v), "audio": self._rope(pos_a)}
+        rope_time = None
+        if self.fusion == "dual_stream":  # cross-attention sees time offsets only
+            rope_time = {"video": self._rope(pos_v * pos_v.new_tensor([1.0, 0.0, 0.0])), "audio": rope["audio"]}
+        return rope, rope_time
+
+    def _run_blocks(self, x, c, rope, masks, rope_time):
+        for block in self.blocks:
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, rope, masks, rope_time, use_reentrant=False)
+            else:
+                x = block(x, c, rope, masks, rope_time)
+        return x
+
+    def forward(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
+        """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt],
+        t_video/t_audio [B] in [0, 1], video_times [T'] / audio_times [L] seconds (float64 keeps phase
+        precision on long clips) -> (v_video, v_audio). Lists of per-sample video / audio / times: the
+        packed mode, :meth:`forward_packed` (through ``forward`` so that wrappers' hooks run)."""
+        if isinstance(video, (list, tuple)):
+            return self.forward_packed(video, audio, text, text_mask, t_video, t_audio, video_times, audio_times)
+        b, _, frames, height, width = video.shape
+        p = self.patch_size
+        h, w = self._check_latents(frames, height, width, audio.shape[-1], video_times, audio_times)
         text_mask = text_mask.to(torch.bool)
         x = {
             "video": self.video_embed(rearrange(video, "b c t (h p) (w q) -> b (t h w) (c p q)", p=p, q=p)),
             "audio": self.audio_embed(rearrange(audio, "b c l -> b l c")),
             "text": self.text_embed(text),
         }
-        weights = text_mask.to(text.dtype)[..., None]
-        pooled = self.text_pool((text * weights).sum(1) / weights.sum(1).clamp(min=1.0))
-        c_video = self.t_embed_video(t_video) + pooled
-        c_audio = self.t_embed_audio(t_audio) + pooled
-        c = {"video": c_video, "audio": c_audio, "text": 0.5 * (c_video + c_audio)}
-        pos_v, pos_a = self.rope_positions(video_times, audio_times, h, w)
-        rope = {"video": self._rope(pos_v), "audio": self._rope(pos_a)}
-        rope_time = None
-        if self.fusion == "dual_stream":  # cross-attention sees time offsets only
-            rope_time = {"video": self._rope(pos_v * pos_v.new_tensor([1.0, 0.0, 0.0])), "audio": rope["audio"]}
+        c = self._conditioning(text, text_mask, t_video, t_audio)
+        rope, rope_time = self._rotary(*self.rope_positions(video_times, audio_times, h, w))
         ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=video.device)  # noqa: E731
         masks = {"video": ones(x["video"].shape[1]), "audio": ones(x["audio"].shape[1]), "text": text_mask}
-        for block in self.blocks:
-            if self.checkpoint_activations and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, rope, masks, rope_time, use_reentrant=False)
-            else:
-                x = block(x, c, rope, masks, rope_time)
-        v_video = self.final_video(x["video"], c_video)
+        x = self._run_blocks(x, c, rope, masks, rope_time)
+        v_video = self.final_video(x["video"], c["video"])
         v_video = rearrange(v_video, "b (t h w) (c p q) -> b c t (h p) (w q)", t=frames, h=h, w=w, p=p, q=p)
-        v_audio = rearrange(self.final_audio(x["audio"], c_audio), "b l c -> b c l")
+        v_audio = rearrange(self.final_audio(x["audio"], c["audio"]), "b l c -> b c l")
         return v_video, v_audio
+
+    def forward_packed(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
+        """Samples of different sizes and durations as ONE packed sequence, without padding.
+
+        ``video`` / ``audio`` / ``video_times`` / ``audio_times``: lists over the S samples of
+        [Cv, T'_i, H_i, W_i] / [Ca, L_i] / [T'_i] / [L_i] (seconds); ``text`` [S, Lt, text_dim] with
+        ``text_mask`` [S, Lt] (only real tokens are packed); ``t_video`` / ``t_audio`` [S].
+        -> (list of v_video_i [Cv, T'_i, H_i, W_i], list of v_audio_i [Ca, L_i]).
+
+        Equal to :meth:`forward` on each sample alone: every token keeps its sample's AdaLN
+        modulation, timesteps, pooled text and rotary positions, and attends only to the video,
+        audio and text tokens of its own sample (``masks`` carry segment ids; see the module doc).
+        """
+        n = len(video)
+        if not n or not len(audio) == len(video_times) == len(audio_times) == text.shape[0] == n:
+            raise ValueError(f"forward_packed: {n} video, {len(audio)} audio, {len(video_times)}/"
+                             f"{len(audio_times)} times and {text.shape[0]} texts: need one of each per sample")
+        p, dev = self.patch_size, text.device
+        grids, tokens_v, tokens_a, pos_v, pos_a = [], [], [], [], []
+        for v, a, vt, at in zip(video, audio, video_times, audio_times):
+            h, w = self._check_latents(v.shape[1], v.shape[2], v.shape[3], a.shape[-1], vt, at)
+            grids.append((v.shape[1], h, w))
+            tokens_v.append(rearrange(v, "c t (h p) (w q) -> (t h w) (c p q)", p=p, q=p))
+            tokens_a.append(a.transpose(0, 1))
+            positions = self.rope_positions(vt, at, h, w)
+            pos_v.append(positions[0])
+            pos_a.append(positions[1])
+        text_mask = text_mask.to(torch.bool)
+        lengths = {"video": [len(t) for t in tokens_v], "audio": [len(t) for t in tokens_a],
+                   "text": text_mask.sum(1).tolist()}
+        x = {"video": self.video_embed(torch.cat(tokens_v)[None]),
+             "audio": self.audio_embed(torch.cat(tokens_a)[None]),
+             "text": self.text_embed(text[text_mask][None])}  # real tokens, sample after sample
+        ids = torch.arange(n, device=dev)
+        masks = {m: torch.repeat_interleave(ids, torch.tensor(lengths[m], device=dev))[None] for m in MODALITIES}
+        c = self._conditioning(text, text_mask, t_video, t_audio)
+        rope, rope_time = self._rotary(torch.cat(pos_v), torch.cat(pos_a))
+        x = self._run_blocks(x, c, rope, masks, rope_time)
+        v_video = self.final_video(x["video"], c["video"], masks["video"])[0].split(lengths["video"])
+        v_audio = self.final_audio(x["audio"], c["audio"], masks["audio"])[0].split(lengths["audio"])
+        v_video = [rearrange(o, "(t h w) (c p q) -> c t (h p) (w q)", t=t, h=h, w=w, p=p, q=p)
+                   for o, (t, h, w) in zip(v_video, grids)]
+        return v_video, [o.transpose(0, 1) for o in v_audio]
 
     # -- accounting (nanoGPT style) ----------------------------------------------------------
     def num_params(self) -> int:

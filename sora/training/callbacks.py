@@ -22,6 +22,12 @@ class EMA(Callback):
     is saved in checkpoints (``checkpoint["callbacks"]["EMA"]``: ``decay``, ``num_updates`` and
     ``shadow``, a dict keyed by the LightningModule's parameter names) and restored on resume.
     During validation the EMA weights are swapped into the model and swapped back afterwards.
+
+    Sharded weights (DeepSpeed ZeRO-3, FSDP2): each rank averages the part of each weight it holds
+    (``sora.training.strategies.local_shard``), so the average is sharded like the weights and
+    costs no communication per step. Checkpoints hold the full weights' average (gathered from
+    every rank when saving), the same at any world size and under any strategy, and each rank
+    takes its own part back on resume.
     """
 
     def __init__(self, decay: float = 0.999, every_n_steps: int = 1, warmup: bool = True,
@@ -30,8 +36,9 @@ class EMA(Callback):
             raise ValueError(f"EMA decay={decay}: must be in [0, 1)")
         self.decay, self.every_n_steps, self.warmup = float(decay), int(every_n_steps), bool(warmup)
         self.validate_with_ema = validate_with_ema
-        self.shadow: dict[str, torch.Tensor] | None = None
+        self.shadow: dict[str, torch.Tensor] | None = None  # per parameter: the average of its local part
         self.num_updates = 0
+        self._params: dict[str, torch.nn.Parameter] = {}
         self._loaded: dict | None = None
         self._swapped = False
         self._last_step: int | None = None
@@ -48,27 +55,39 @@ class EMA(Callback):
 
     # -- lifecycle ------------------------------------------------------------------------
     def setup_shadow(self, pl_module: torch.nn.Module) -> None:
+        from sora.training.strategies import local_shard, shard_like
+
         params = self.trainable(pl_module)
+        self._params = params
         if self._loaded is not None:
             saved = self._loaded["shadow"]
             missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
             if missing or extra:
                 raise RuntimeError(f"EMA: checkpoint weights do not match the model (missing {missing[:3]}, "
                                    f"unexpected {extra[:3]})")
-            self.shadow = {n: saved[n].to(device=p.device, dtype=p.dtype).clone() for n, p in params.items()}
+            self.shadow = {}
+            for n, p in params.items():
+                local = local_shard(p)
+                self.shadow[n] = shard_like(saved[n].to(device=local.device, dtype=local.dtype), p)
             self._loaded = None
         else:
-            self.shadow = {n: p.detach().clone() for n, p in params.items()}
+            self.shadow = {n: local_shard(p).detach().clone() for n, p in params.items()}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.setup_shadow(pl_module)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loaded is not None:  # DeepSpeed / FSDP2 restore checkpoints after on_fit_start
+            self.setup_shadow(pl_module)
+
     @torch.no_grad()
     def update(self, pl_module: torch.nn.Module) -> None:
+        from sora.training.strategies import local_shard
+
         params = self.trainable(pl_module)
         d = self.current_decay()
         shadow = [self.shadow[n] for n in params]
-        torch._foreach_lerp_(shadow, [p.detach() for p in params.values()], 1.0 - d)
+        torch._foreach_lerp_(shadow, [local_shard(p) for p in params.values()], 1.0 - d)
         self.num_updates += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -82,13 +101,20 @@ class EMA(Callback):
     @torch.no_grad()
     def swap(self, pl_module: torch.nn.Module) -> None:
         """Exchange the model's trainable weights with the EMA copy (call twice to undo)."""
+        from sora.training.strategies import gather_full, is_available, local_shard
+
         for n, p in self.trainable(pl_module).items():
-            tmp = p.detach().clone()
-            p.copy_(self.shadow[n])
+            local = local_shard(p)
+            tmp = local.clone()
+            local.copy_(self.shadow[n])
             self.shadow[n].copy_(tmp)
+            if is_available(p):  # ZeRO-3 keeps small weights gathered too: refresh that copy
+                p.data.copy_(gather_full(local, p))
         self._swapped = not self._swapped
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        if self._loaded is not None and self.shadow is not None:
+            self.setup_shadow(pl_module)
         if self.validate_with_ema and self.shadow is not None and not self._swapped:
             self.swap(pl_module)
 
@@ -98,11 +124,15 @@ class EMA(Callback):
 
     # -- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The full weights' average (a collective under ZeRO-3 / FSDP2: every rank saves)."""
+        from sora.training.strategies import gather_full
+
         if self.shadow is None:
             return {}
         if self._swapped:  # saved mid-validation: the shadow holds the live weights right now
             raise RuntimeError("EMA: checkpoint requested while the EMA weights are swapped in")
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+        shadow = {n: gather_full(s, self._params[n]) if n in self._params else s for n, s in self.shadow.items()}
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": shadow}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -126,10 +156,15 @@ class RNGState(Callback):
 
     Restoring at the first batch rather than at load time skips the draws Lightning and the
     DataLoader make while starting up (e.g. the loader's base seed).
+
+    ``seed``: a fresh run seeds them at its first batch from (``seed``, data-parallel rank), so
+    every data-parallel rank draws its own noise and timesteps, the ranks of a sequence-parallel
+    group the same ones, and none depends on what a strategy drew while starting up.
     """
 
-    def __init__(self):
+    def __init__(self, seed: int | None = None):
         self._pending: dict | None = None
+        self.seed, self._started = seed, False
 
     @staticmethod
     def capture() -> dict:
@@ -167,6 +202,13 @@ class RNGState(Callback):
         if self._pending is not None:
             self.restore(self._pending)
             self._pending = None
+        elif self.seed is not None and not self._started:
+            dp_rank = trainer.global_rank // max(1, getattr(pl_module, "sequence_parallel", 1))
+            seed = (int(self.seed) * 1_000_003 + dp_rank) % 2**32
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+        self._started = True
 
 
 # Dense peak FLOP/s of one device (no sparsity), for ``Throughput(peak_flops=NAME)``.
@@ -215,7 +257,8 @@ class Throughput(Callback):
 class Samples(Callback):
     """Writes ``<dirpath>/step=<N>-<i>.mp4`` (video with sound) for each prompt at the end of a
     validation run (with the EMA weights when the EMA callback swaps them in), every
-    ``every_n_steps`` optimizer steps, on rank 0; also to Weights & Biases when that logger is on.
+    ``every_n_steps`` optimizer steps, on rank 0 (every rank samples when the weights are sharded:
+    ZeRO-3, FSDP2); also to Weights & Biases when that logger is on.
     Only for modules that generate (``velocity``: the DiT stage); others are left alone.
     """
 
@@ -227,9 +270,13 @@ class Samples(Callback):
         self.seed, self.size = seed, size
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        from sora.training.strategies import shards_parameters
+
         step = trainer.global_step
-        if (trainer.sanity_checking or not trainer.is_global_zero or not hasattr(pl_module, "velocity")
-                or step % self.every_n_steps):
+        if trainer.sanity_checking or not hasattr(pl_module, "velocity") or step % self.every_n_steps:
+            return
+        write = trainer.is_global_zero
+        if not write and not shards_parameters(trainer):  # sharded weights: every rank joins the forwards
             return
         from pathlib import Path
 
@@ -249,8 +296,11 @@ class Samples(Callback):
             frames, audio, _ = generate(pl_module, tl, prompt, "", size, self.steps, self.guidance, self.sampler,
                                         self.shift, self.seed + i, "vocoder")
             paths.append(out / f"step={step}-{i}.mp4")
-            write_av(paths[-1], frames, audio, fps=float(tl.fps_q), sample_rate=tl.sample_rate)
+            if write:
+                write_av(paths[-1], frames, audio, fps=float(tl.fps_q), sample_rate=tl.sample_rate)
         pl_module.train(was_training)
+        if not write:
+            return
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 import wandb

@@ -1,13 +1,20 @@
 """LightningModule for the joint stage: the AV diffusion transformer on frozen VAE latents.
 
 Each ClipBatch is encoded on the fly: video -> ``VideoVAE`` posterior mode, audio (mono) ->
-log-mel -> ``AudioVAE`` posterior mode. Latents are standardised per modality with a shift and
-scale (fixed in the config, or measured on the first batch and kept in the checkpoint). Then
-rectified flow (:mod:`sora.diffusion.flow`): a task per sample (t2av, v2a, a2v, continuation),
-a logit-normal timestep per modality, caption dropout for classifier-free guidance, and the
-velocity loss per modality over the generated tokens (``train/loss_video``,
-``train/loss_audio``). Validation: text-to-AV loss at fixed timesteps with fixed noise.
+log-mel -> ``AudioVAE`` posterior mode (or the batch brings those latents, and frozen text
+embeddings, from a cache: ``data=latents``, :mod:`sora.data.latents`). Latents are standardised
+per modality with a shift and scale (fixed in the config, or measured on the first batch and kept
+in the checkpoint). Then rectified flow (:mod:`sora.diffusion.flow`): a task per sample (t2av,
+v2a, a2v, continuation), a logit-normal timestep per modality, caption dropout for
+classifier-free guidance, and the velocity loss per modality over the generated tokens
+(``train/loss_video``, ``train/loss_audio``). Validation: text-to-AV loss at fixed timesteps with
+fixed noise.
 Rotary positions come from the timing contract (token times in seconds).
+
+A packed batch (``data.train.pack``, :class:`sora.data.packing.PackedBatch`: clips of several
+buckets) is encoded part by part, each bucket at its own shape, then runs through ONE packed DiT
+forward (block-diagonal attention, conditioning per sample: ``AVDiT.forward_packed``); each
+modality's loss is the mean over all the pack's generated latent elements, as in a dense batch.
 
 The frozen autoencoders (and the vocoder) are part of this module's state, so a DiT checkpoint
 alone is enough to sample.
@@ -23,6 +30,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from sora.data.latents import check_cache, text_is_frozen
+from sora.data.packing import PackedBatch
 from sora.diffusion.flow import (TaskTimesteps, drop_captions, drop_text, flow_loss, interpolate,
                                  logit_normal_timesteps, sample_task, shift_timesteps, timesteps_for_tasks)
 from sora.models.audio_vae import AudioVAE, Vocoder
@@ -31,7 +40,8 @@ from sora.models.video_vae import VideoVAE
 from sora.timeline import Timeline
 from sora.training.autoencoders import mono
 from sora.training.optim import adamw_with_schedule
-from sora.training.strategies import parallelize_dit
+from sora.training.sequence_parallel import check_sequence_parallel, sequence_parallel_size
+from sora.training.strategies import configure_sharding, parallelize_dit
 
 log = logging.getLogger(__name__)
 MODALITIES = ("video", "audio")
@@ -84,8 +94,10 @@ class DiTModule(L.LightningModule):
                  latent_shift: Mapping[str, float | None] | None = None,
                  latent_scale: Mapping[str, float | None] | None = None,
                  val_timesteps: Sequence[float] = (0.25, 0.5, 0.75), val_seed: int = 0,
-                 activation_checkpointing: bool = False, compile: bool = False):
+                 activation_checkpointing: bool = False, compile: bool = False, sequence_parallel: int = 1):
         super().__init__()
+        # ranks that split each clip's tokens (Ulysses); checked here, applied by the strategy
+        self.sequence_parallel = check_sequence_parallel(dit.heads, sequence_parallel)
         self.dit = parallelize_dit(dit, activation_checkpointing=activation_checkpointing, compile=compile)
         self.text_encoder = text_encoder
         self.video_vae = load_frozen(video_vae, video_vae_ckpt, "vae.", "video_vae", use_ema)
@@ -115,6 +127,12 @@ class DiTModule(L.LightningModule):
         self.val_timesteps, self.val_seed = tuple(float(t) for t in val_timesteps), int(val_seed)
         self._tokens = (0, 0, 0)  # (video, audio, text) tokens per sample of the last training batch
 
+    def on_fit_start(self):
+        """Refuse a run configured for sequence parallelism that its strategy did not set up."""
+        if sequence_parallel_size(self.dit) != self.sequence_parallel:
+            raise RuntimeError(f"model.sequence_parallel={self.sequence_parallel}: the trainer's strategy did not "
+                               "apply it (sora.training.sequence_parallel.apply_sequence_parallel); set it to 1")
+
     def train(self, mode: bool = True):
         super().train(mode)
         for m in (self.video_vae, self.audio_vae, self.vocoder):
@@ -125,15 +143,30 @@ class DiTModule(L.LightningModule):
     # -- latents --------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, batch) -> dict[str, torch.Tensor]:
-        """Raw VAE latents: video [B, Cv, T', h, w], audio [B, Ca, L] (posterior modes)."""
-        z = {"video": self.video_vae.encode(batch.video).mode(),
-             "audio": self.audio_vae.encode_audio(mono(batch.audio)).mode()}
+        """Raw VAE latents: video [B, Cv, T', h, w], audio [B, Ca, L] (posterior modes). A batch of cached
+        latents (``data=latents``, :mod:`sora.data.latents`) brings its own, checked to be these encoders'."""
+        if getattr(batch, "latents", None):
+            check_cache(self, batch, text=self.cached_text(batch))
+            z = dict(batch.latents)
+        else:
+            z = {"video": self.video_vae.encode(batch.video).mode(),
+                 "audio": self.audio_vae.encode_audio(mono(batch.audio)).mode()}
         tl = self.timeline
         if z["video"].shape[2] != tl.video_latent_steps or z["audio"].shape[2] != tl.audio_latent_steps:
             raise ValueError(f"latents have {z['video'].shape[2]} video / {z['audio'].shape[2]} audio steps, the "
                              f"timeline {tl.video_latent_steps} / {tl.audio_latent_steps}: the batch's clip length "
                              f"differs from timeline.seconds={tl.seconds}")
         return z
+
+    def cached_text(self, batch) -> bool:
+        """Whether the batch's cached text embeddings stand in for the text encoder (only a frozen one)."""
+        return getattr(batch, "text", None) is not None and text_is_frozen(self)
+
+    def encode_text(self, batch, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions' text tokens and mask, with "" where ``drop`` (cached when :meth:`cached_text`)."""
+        if self.cached_text(batch):
+            return batch.text_for(drop)
+        return self.text_encoder(list(batch.captions) if drop is None else drop_captions(batch.captions, drop))
 
     def normalize(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -168,23 +201,78 @@ class DiTModule(L.LightningModule):
         out["loss"] = sum(self.loss_weights[m] * out[f"loss_{m}"] for m in MODALITIES)
         return out
 
-    def training_step(self, batch, batch_idx):
-        z = self.normalize(self.encode(batch))
-        b, device = len(batch), z["video"].device
-        captions = drop_captions(batch.captions, drop_text(b, self.text_drop_prob))
-        text, text_mask = self.text_encoder(captions)
-        _, _, t_, h_, w_ = z["video"].shape
-        p = self.dit.patch_size
-        self._tokens = (t_ * (h_ // p) * (w_ // p), z["audio"].shape[2], text.shape[1])
+    def sample_timesteps(self, b: int, video_len: int, audio_len: int, device) -> TaskTimesteps:
+        """A training task and per-modality timesteps for each of ``b`` samples (:mod:`sora.diffusion.flow`)."""
         tasks = sample_task(b, self.task_probs).to(device)
         t = logit_normal_timesteps(b, self.timestep_mean, self.timestep_std, device=device)
         ta = logit_normal_timesteps(b, self.timestep_mean, self.timestep_std, device=device) \
             if self.independent_timesteps else t.clone()
         t, ta = shift_timesteps(t, self.timestep_shift), shift_timesteps(ta, self.timestep_shift)
-        tt = timesteps_for_tasks(tasks, t, ta, z["video"].shape[2], z["audio"].shape[2])
+        return timesteps_for_tasks(tasks, t, ta, video_len, audio_len)
+
+    def training_step(self, batch, batch_idx):
+        if isinstance(batch, PackedBatch):
+            return self.packed_training_step(batch)
+        z = self.normalize(self.encode(batch))
+        b, device = len(batch), z["video"].device
+        text, text_mask = self.encode_text(batch, drop_text(b, self.text_drop_prob))
+        _, _, t_, h_, w_ = z["video"].shape
+        p = self.dit.patch_size
+        self._tokens = (t_ * (h_ // p) * (w_ // p), z["audio"].shape[2], text.shape[1])
+        tt = self.sample_timesteps(b, z["video"].shape[2], z["audio"].shape[2], device)
         noise = {m: torch.randn_like(x) for m, x in z.items()}
         out = self.losses(z, noise, tt, text, text_mask)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=b)
+        self.log("train/loss", out["loss"].detach(), batch_size=b, prog_bar=True)
+        return out["loss"]
+
+    def packed_losses(self, zs: list[dict], noise: list[dict], tt: TaskTimesteps, text, text_mask) -> dict:
+        """:meth:`losses` for a pack: ``zs`` / ``noise`` one {video, audio} dict per part (a bucket's
+        samples, in pack order). One packed DiT forward; each modality's loss is the mean squared
+        velocity error over the generated elements of all samples (a dense batch's loss when every
+        sample has the same shape)."""
+        if self.sequence_parallel > 1:
+            raise ValueError(f"data.train.pack with model.sequence_parallel={self.sequence_parallel} is not "
+                             "supported yet; turn one of them off")
+        parts, start = [], 0  # each part's samples in the pack
+        for z in zs:
+            parts.append(slice(start, start + len(z["video"])))
+            start = parts[-1].stop
+        clean = {"video": tt.clean_video, "audio": tt.clean_audio}
+        token_t = {"video": tt.video_token_t, "audio": tt.audio_token_t}
+        x = {m: [] for m in MODALITIES}  # noised latents, one per sample
+        for z, n, p in zip(zs, noise, parts):
+            for m in MODALITIES:
+                x[m].extend(interpolate(z[m], n[m], token_t[m][p], clean[m][p]).unbind(0))
+        b = len(x["video"])
+        vv, va = self.dit(x["video"], x["audio"], text, text_mask, tt.t_video, tt.t_audio, [self.video_times] * b,
+                          [self.audio_times] * b)
+        v = {"video": vv, "audio": va}
+        out = {}
+        for m in MODALITIES:
+            total, count = 0.0, 0
+            for z, n, p in zip(zs, noise, parts):
+                counted = int((~clean[m][p]).sum()) * z[m][0, :, 0].numel()  # generated elements of the part
+                loss = flow_loss(torch.stack(v[m][p]), z[m], n[m], clean_mask=clean[m][p])
+                total, count = total + loss * counted, count + counted
+            out[f"loss_{m}"] = total / max(count, 1)
+        out["loss"] = sum(self.loss_weights[m] * out[f"loss_{m}"] for m in MODALITIES)
+        return out
+
+    def packed_training_step(self, batch: PackedBatch):
+        """A training step on a pack of clips of several buckets (see the module doc)."""
+        zs = [self.normalize(self.encode(part)) for part in batch.parts]  # each bucket at its own shape
+        b, device = len(batch), zs[0]["video"].device
+        text, text_mask = self.encode_text(batch, drop_text(b, self.text_drop_prob))
+        p = self.dit.patch_size
+        video_tokens = sum(len(z["video"]) * math.prod(z["video"].shape[2:]) // (p * p) for z in zs)
+        self._tokens = (round(video_tokens / b), zs[0]["audio"].shape[2], round(float(text_mask.sum()) / b))
+        tt = self.sample_timesteps(b, zs[0]["video"].shape[2], zs[0]["audio"].shape[2], device)
+        noise = [{m: torch.randn_like(x) for m, x in z.items()} for z in zs]
+        out = self.packed_losses(zs, noise, tt, text, text_mask)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=b)
+        self.log_dict({"train/pack_samples": float(b), "train/pack_tokens": float(self.batch_tokens(batch))},
+                      batch_size=b)
         self.log("train/loss", out["loss"].detach(), batch_size=b, prog_bar=True)
         return out["loss"]
 
@@ -195,7 +283,7 @@ class DiTModule(L.LightningModule):
         The validation metric, and ``sora-eval``'s per-modality loss."""
         z = self.normalize(self.encode(batch))
         b, device = len(batch), z["video"].device
-        text, text_mask = self.text_encoder(list(batch.captions))
+        text, text_mask = self.encode_text(batch)
         gen = torch.Generator().manual_seed(self.val_seed * 100003 + index)
         noise = {m: torch.randn(x.shape, generator=gen).to(x) for m, x in z.items()}
         totals, out = {"loss_video": 0.0, "loss_audio": 0.0}, {}
@@ -210,9 +298,15 @@ class DiTModule(L.LightningModule):
         return {**out, **totals}
 
     def validation_step(self, batch, batch_idx):
+        if isinstance(batch, PackedBatch):
+            raise ValueError("data.val.pack: validation takes unpacked batches; set pack under data.train only")
         out = self.fixed_timestep_losses(batch, batch_idx)
         self.log_dict({f"val/{k}": v for k, v in out.items() if "_t" in k}, batch_size=len(batch))
         self.log_dict({f"val/{k}": v for k, v in out.items() if "_t" not in k}, batch_size=len(batch), prog_bar=True)
+
+    def configure_model(self) -> None:
+        """Sharding, applied from outside (``strategy=fsdp``: FSDP2; nothing for other strategies)."""
+        configure_sharding(self)
 
     def configure_optimizers(self):
         o = dict(self.optim)
@@ -226,6 +320,9 @@ class DiTModule(L.LightningModule):
         return self.dit.estimate_flops_per_token(*self._tokens)
 
     def batch_tokens(self, batch) -> int:
-        _, _, t, h, w = self.video_vae.latent_shape(batch.video.shape)
+        if isinstance(batch, PackedBatch):
+            return sum(self.batch_tokens(part) for part in batch.parts)
+        latents = getattr(batch, "latents", None)
+        _, _, t, h, w = latents["video"].shape if latents else self.video_vae.latent_shape(batch.video.shape)
         p = self.dit.patch_size
         return (t * (h // p) * (w // p) + self.timeline.audio_latent_steps) * len(batch)
