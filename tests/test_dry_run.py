@@ -109,17 +109,21 @@ def test_largest_batch_search():
 
 def test_dit_step_on_fake_tensors_counts_what_real_tensors_hold():
     """The same seeded DiT step on fake and on real tensors: the same bytes, category by category,
-    at the peak; bf16 autocast shrinks the activations and nothing else."""
+    at the peak; bf16 autocast shrinks the activations and nothing else; FLOPs counted on fake tensors."""
     cfg = config("experiment=quickstart/dit")
     plan, timeline = D.plan_of(cfg), instantiate(cfg.timeline)
     results = {}
     for fake in (True, False):
         with D.simulation(seeded_builder(cfg), plan, fake=fake) as (module, tracker):
-            results[fake] = D.simulate_step(module, D.clip_batch(timeline, 64, 64, 2), plan, tracker)
+            results[fake] = D.simulate_step(module, D.clip_batch(timeline, 64, 64, 2), plan, tracker, count_flops=fake)
             if fake:
+                analytic = 2 * D.analytic_flops(cfg, module._tokens, timeline, 64, 64)
                 bf16 = D.simulate_step(module, D.clip_batch(timeline, 64, 64, 2), replace(plan, precision="bf16-mixed"),
                                        tracker)
     assert results[True]["at_peak"] == results[False]["at_peak"] and results[True]["peak"] > 10 * MIB
+    # the counted step (DiT, text encoder, frozen encoders; CPU attention kernels included) against
+    # sora.models.flops' DiT and video encoder: a few percent more, never less
+    assert analytic <= results[True]["flops"] <= 1.15 * analytic
     fp32 = results[True]["at_peak"]
     assert bf16["at_peak"]["activations"] < 0.9 * fp32["activations"]
     assert {k: v for k, v in bf16["at_peak"].items() if k != "activations"} == {

@@ -300,9 +300,10 @@ class DiTModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         if isinstance(batch, PackedBatch):
             raise ValueError("data.val.pack: validation takes unpacked batches; set pack under data.train only")
-        out = self.fixed_timestep_losses(batch, batch_idx)
-        self.log_dict({f"val/{k}": v for k, v in out.items() if "_t" in k}, batch_size=len(batch))
-        self.log_dict({f"val/{k}": v for k, v in out.items() if "_t" not in k}, batch_size=len(batch), prog_bar=True)
+        out = self.fixed_timestep_losses(batch, batch_idx)  # averaged over ranks: the sweeps' objective
+        self.log_dict({f"val/{k}": v for k, v in out.items() if "_t" in k}, batch_size=len(batch), sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in out.items() if "_t" not in k}, batch_size=len(batch), prog_bar=True,
+                      sync_dist=True)
 
     def configure_model(self) -> None:
         """Sharding, applied from outside (``strategy=fsdp``: FSDP2; nothing for other strategies)."""

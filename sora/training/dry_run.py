@@ -40,12 +40,12 @@ SMALL = 1 << 20  # elements: tensors made from real inputs up to this size are c
 CATEGORIES = ("weights", "frozen", "buffers", "gradients", "optimizer", "ema", "activations")
 GIB = 2 ** 30
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PRECISIONS = {"32": "32", "32-true": "32", "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed", "16-mixed": "16-mixed",
-              "16": "16-mixed", "bf16-true": "bf16-true", "16-true": "16-true"}
+PRECISIONS = {"32": "32", "32-true": "32", "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",  # Lightning's names
+              "16-mixed": "16-mixed", "16": "16-mixed", "bf16-true": "bf16-true", "16-true": "16-true"}
 CPU_ATTENTION_FLOPS = {  # torch's FLOP counter knows the CUDA attention kernels only
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
         lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v)}
 _INDEX_OPS = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
 
@@ -122,6 +122,8 @@ class MemoryTracker(TorchDispatchMode):
 # -- how the run trains --------------------------------------------------------------------------
 @dataclass
 class Plan:
+    """How the run trains, as far as memory goes (:func:`plan_of` reads it from the config)."""
+
     precision: str = "32"
     factors: dict[str, float] = field(default_factory=dict)  # per category (sharding)
     gathered_blocks: int = 0           # ZeRO-3 / FSDP: blocks whose full weights are gathered at once
@@ -186,6 +188,8 @@ def plan_of(cfg) -> Plan:
 def simulate_step(module, batch, plan: Plan, tracker: MemoryTracker, count_flops: bool = False) -> dict:
     """One training step of ``module`` on ``batch`` inside ``tracker``, in a run's steady state ->
     {peak (bytes, weighted), at_peak (per category), flops (forward + backward when ``count_flops``)}."""
+    if not module.automatic_optimization:
+        raise ValueError(f"dry_run: {type(module).__name__} optimizes manually; only automatic optimization is run")
     params = [p for p in module.parameters() if p.requires_grad]
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.add(p.grad, "gradients")) for p in params]
     optimizer = module.configure_optimizers()
@@ -296,12 +300,12 @@ def quiet():
 
 
 def model_config(cfg):
-    """``cfg.model`` without earlier stages' checkpoints (only weights' values) and compile (eager)."""
+    """``cfg.model`` without earlier stages' checkpoints (they only set weights' values) and compile (eager)."""
     from omegaconf import open_dict
 
     model_cfg = cfg.model.copy()
     with open_dict(model_cfg):
-        for key in ("video_vae_ckpt", "audio_vae_ckpt", "perceptual_weights", "compile"):
+        for key in ("video_vae_ckpt", "audio_vae_ckpt", "compile"):
             if model_cfg.get(key):
                 model_cfg[key] = False if key == "compile" else None
     return model_cfg
@@ -408,7 +412,8 @@ def dry_run(cfg) -> dict | None:
                                                                    tracker, count_flops=b == 1))
                 one, tokens, at = step(1), getattr(module, "_tokens", None), step(batch_size)
                 rows.append({"size": [h, w], "seconds": float(seconds), "batch": batch_size, "tokens": tokens,
-                             "peak_gib": at["peak"] / GIB, "at_peak_gib": {k: v / GIB for k, v in at["at_peak"].items() if v},
+                             "peak_gib": at["peak"] / GIB,
+                             "at_peak_gib": {k: v / GIB for k, v in at["at_peak"].items() if v},
                              "per_sample_gib": (step(2)["peak"] - one["peak"]) / GIB, "flops_per_sample": one["flops"],
                              "largest_batch": largest_batch(lambda b: step(b)["peak"], budget, known=(2, batch_size))})
         for row in rows[-len(sizes):]:
@@ -421,18 +426,20 @@ def dry_run(cfg) -> dict | None:
 
 
 def report(r: dict) -> str:
-    t = lambda x: "-" if x is None else f"{x / 1e12:.4g}"  # noqa: E731
+    """The printed table: one row per (frame size, duration) bucket; FLOPs per step at the batch."""
+    tflop = lambda x, b: "-" if x is None else f"{x * b['batch'] / 1e12:.4g}"  # noqa: E731
     lines = [f"sora-train dry run (no data, no training): {r['model']}",
-             f"  parameters {r['parameters']:,} ({r['trainable']:,} trainable, {r['parameters'] - r['trainable']:,} frozen)",
-             f"  precision {r['precision']}, strategy {r['strategy']} x {r['world_size']} devices; peak memory per "
-             f"device; largest batch within {r['memory_gb']:g} GiB less {r['headroom']:.0%} headroom",
-             f"  {'bucket':>10} {'seconds':>7} {'TFLOP/step':>10} {'(analytic)':>10} {'batch':>5} {'peak GiB':>8} "
-             f"{'GiB/sample':>10} {'largest batch':>13}"]
+             f"  parameters {r['parameters']:,} ({r['trainable']:,} trainable, "
+             f"{r['parameters'] - r['trainable']:,} frozen)",
+             f"  precision {r['precision']}, strategy {r['strategy']} x {r['world_size']} devices; memory per device; "
+             f"largest batch within {r['memory_gb']:g} GiB less {r['headroom']:.0%} headroom",
+             f"  {'bucket':>10} {'seconds':>7} {'tokens v/a/t':>14} {'TFLOP/step':>10} {'(analytic)':>10} {'batch':>5} "
+             f"{'peak GiB':>8} {'GiB/sample':>10} {'largest batch':>13}"]
     for b in r["buckets"]:
-        per_step = [None if x is None else x * b["batch"] for x in (b["flops_per_sample"], b["analytic_flops_per_sample"])]
-        lines.append(f"  {b['size'][0]:>4}x{b['size'][1]:<5} {b['seconds']:>7g} {t(per_step[0]):>10} {t(per_step[1]):>10} "
-                     f"{b['batch']:>5} {b['peak_gib']:>8.3f} {b['per_sample_gib']:>10.4f} "
-                     f"{str(b['largest_batch']) + ('+' if b['largest_batch'] >= 4096 else ''):>13}")
+        tokens = "/".join(map(str, b["tokens"])) if b["tokens"] else "-"
+        largest = f"{b['largest_batch']}{'+' if b['largest_batch'] >= 4096 else ''}"
+        lines.append(f"  {b['size'][0]:>4}x{b['size'][1]:<5} {b['seconds']:>7g} {tokens:>14} "
+                     f"{tflop(b['flops_per_sample'], b):>10} {tflop(b['analytic_flops_per_sample'], b):>10} "
+                     f"{b['batch']:>5} {b['peak_gib']:>8.3f} {b['per_sample_gib']:>10.4f} {largest:>13}")
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["buckets"][-1]["at_peak_gib"].items())
-    lines.append(f"  at the last bucket's peak (GiB): {parts}")
-    return "\n".join(lines)
+    return "\n".join(lines + [f"  at the last bucket's peak (GiB): {parts}"])
