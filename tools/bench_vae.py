@@ -7,7 +7,9 @@ Memory: each clip length in a fresh subprocess: peak resident memory (``VmHWM``)
 ``decode(encode(x).mode(), chunk)`` under ``torch.no_grad`` minus the resident memory just
 before the clip is made; also that peak minus the bytes of the input clip, its latents and the
 output clip (which grow with the length by definition): the "working" memory the chunking
-keeps bounded. Speed: encode + decode of the first length, ours and Wan's alternating
+keeps bounded. The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=131072`` (large blocks go back to
+the OS when freed) unless ``--glibc-default``: glibc's default dynamic threshold keeps freed heap
+resident and fragmented, and RSS then measures the allocator's history more than live tensors. Speed: encode + decode of the first length, ours and Wan's alternating
 (``--rounds``), median seconds and frames/s. Both VAEs: 16 latent channels, 4x time, 8x space,
 base width 64, one residual block per level (Wan: ``base_dim=64, dim_mult=[1, 2, 4, 4],
 num_res_blocks=1``; ours: the default ``VideoVAE()``), random weights (speed and memory do not
@@ -33,6 +35,9 @@ def parse(argv=None):
     ap.add_argument("--seconds", type=float, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--chunk", type=int, default=1, help="latent steps per causal chunk (ours)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="measure with glibc's default malloc (it keeps freed heap resident: the peak then "
+                         "includes fragmentation, not only live tensors)")
     ap.add_argument("--memory-of", type=float, help=argparse.SUPPRESS)  # subprocess mode: one clip length
     return ap.parse_args(argv)
 
@@ -102,8 +107,9 @@ def main(argv=None) -> dict:
     rest = [a for a in (argv if argv is not None else sys.argv[1:])]
     memory = []
     for s in args.seconds:
+        env = dict(os.environ) if args.glibc_default else dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-of", str(s), *rest],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=True, env=env)
         memory.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     work = [m["working_mb"] for m in memory]
     result = {"config": {k: v for k, v in vars(args).items() if k != "memory_of"}, "threads": torch.get_num_threads(),
