@@ -20,6 +20,7 @@ Pretrained weights are read from a local path only; nothing is ever downloaded.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import math
 from pathlib import Path
 
@@ -97,16 +98,16 @@ def _numpy_safe_globals() -> list:
     return [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, *dtypes]
 
 
-class AudioEmbedding:
+class AudioEmbedding(ABC):
     """Base class: subclasses set ``name``, ``sample_rate``, ``dim`` and ``_embed``."""
 
     name: str
     sample_rate: int
     dim: int
 
+    @abstractmethod
     def _embed(self, wave: np.ndarray) -> np.ndarray:
         """Mono float64 ``[N]`` at ``self.sample_rate`` -> ``[K, dim]``."""
-        raise NotImplementedError
 
     def embed(self, wave, sample_rate: int) -> np.ndarray:
         """One clip ``[N]`` / ``[C, N]`` at ``sample_rate`` -> float64 ``[K, dim]``."""
