@@ -172,7 +172,7 @@ def evaluate_dit(ckpt_path, ckpt: dict, cfg: DictConfig, extractors, device, out
     return metrics, evaluation, clips
 
 
-def evaluate_autoencoder(kind: str, ckpt: dict, cfg: DictConfig, extractors, device, out: Path):
+def evaluate_autoencoder(kind: str, ckpt: dict, cfg: DictConfig, extractors, device, out: Path, evaluation=None):
     """Reconstruct the references: PSNR/SSIM (video) or mel distance/SI-SDR (audio), and the
     distances of the reconstructions (the other modality kept from the reference)."""
     import torch
@@ -188,7 +188,7 @@ def evaluate_autoencoder(kind: str, ckpt: dict, cfg: DictConfig, extractors, dev
     train = run_cfg.data.train
     size = list(cfg.size) if cfg.size is not None else list(train.get("size") or [train.world.height,
                                                                                   train.world.width])
-    evaluation = Evaluation(cfg, timeline, size, extractors)
+    evaluation = evaluation or Evaluation(cfg, timeline, size, extractors)  # one reference set per folder
     clips, values = [], {}
     with torch.no_grad():
         for ref in evaluation.refs:
@@ -265,7 +265,7 @@ def run(cfg: DictConfig) -> dict:
             if kind == "dit":
                 metrics, evaluation, clips = evaluate_dit(path, ckpt, cfg, extractors, device, sub, evaluation)
             else:
-                metrics, evaluation, clips = evaluate_autoencoder(kind, ckpt, cfg, extractors, device, sub)
+                metrics, evaluation, clips = evaluate_autoencoder(kind, ckpt, cfg, extractors, device, sub, evaluation)
             rows.append({"step": step, "checkpoint": str(path), "kind": kind, "metrics": metrics})
         result.update(what=f"checkpoints in {cfg.ckpt}", checkpoints=rows, metrics=rows[-1]["metrics"])
     else:
