@@ -19,3 +19,18 @@ class KeyRecorder(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class StepRecorder(L.Callback):
+    """Appends one json line per training step to ``path``: the optimizer step it ended on, the sample
+    keys and the loss (as a float's exact repr). For subprocess runs: ``+callbacks.record._target_=...``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import json
+
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "keys": list(batch.keys), "loss": float(loss)}) + "\n")

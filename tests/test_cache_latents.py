@@ -95,7 +95,7 @@ def test_cli_cached_run_equals_raw_run(tmp_path):
     assert len(losses["raw"]) == 2
     assert sum(losses["cached"], ()) == pytest.approx(sum(losses["raw"], ()), rel=1e-5, abs=1e-6)
     stats = {name: {k: v for k, v in torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu",
-                                                 weights_only=False)["state_dict"].items() if "latent_stats" in k}
+                                                 weights_only=True)["state_dict"].items() if "latent_stats" in k}
              for name in ("raw", "cached")}
     assert set(stats["raw"]) == {"video_latent_stats", "audio_latent_stats"}
     for k, v in stats["raw"].items():

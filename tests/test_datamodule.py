@@ -59,7 +59,7 @@ def test_lightning_checkpoint_resumes_the_stream_exactly(tmp_path):
     full = _fit(tmp_path / "a", max_steps=9, every=4)
     ckpts = sorted((tmp_path / "a").glob("*step=4*.ckpt"))
     assert ckpts, os.listdir(tmp_path / "a")
-    state = torch.load(ckpts[0], weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    state = torch.load(ckpts[0], weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert state[0]["world_size"] == 1 and len(state[0]["ranks"]) == 1
     resumed = _fit(tmp_path / "b", max_steps=9, ckpt_path=ckpts[0])
     assert resumed == full[4:]

@@ -35,7 +35,7 @@ def test_two_ranks_resume_their_own_streams(tmp_path):
     full = [json.loads((tmp_path / "full" / f"rank{r}.json").read_text()) for r in range(2)]
     assert not {k for b in full[0][:2] for k in b} & {k for b in full[1][:2] for k in b}
     ckpt = next((tmp_path / "full" / "ckpt").glob("*step=3.ckpt"))
-    state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    state = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert state["world_size"] == 2
     positions = [s["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"] for s in state["ranks"]]
     assert positions[0] != positions[1]  # 8 clips vs 4 clips an epoch: the ranks are at different places

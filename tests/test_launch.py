@@ -88,7 +88,7 @@ def test_submitit_local_multirun_runs_each_rank_once(tmp_path):
     assert run_dirs(sweep) == ["0", "1"]
     for job, lr in (("0", 1e-3), ("1", 5e-4)):
         run = sweep / job
-        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == 2
         assert ckpt["sora_config"]["model"]["lr"] == lr and ckpt["sora_config"]["trainer"]["devices"] == 2
         assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]

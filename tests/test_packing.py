@@ -281,6 +281,6 @@ def test_two_packed_training_steps_through_the_cli(tmp_path):
     assert [float(r["train/pack_tokens"]) for r in rows] == [sum(costs[b] for b in bs) for bs, _ in plan]
     assert all(float(r["train/pack_tokens"]) <= 160 for r in rows)
     assert any(len(set(bs)) > 1 for bs, _ in plan)  # mixed buckets in one step
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["ranks"][0]["dataset_state"]
     assert ckpt["global_step"] == 2 and state["batches"] == 2

@@ -22,7 +22,7 @@ from tools.sweep_summary import write_summary
 def trained(sweep: Path, job: str) -> tuple[list[str], dict]:
     """A run's overrides and final metrics (checking it trained 2 steps into its own checkpoint)."""
     run = sweep / job
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
     return overrides, json.loads((run / "metrics.json").read_text())
@@ -42,7 +42,7 @@ def test_basic_sweep_trains_each_point_and_writes_the_summary(tmp_path):
     for job, lr in (("0", 1e-3), ("1", 5e-4)):
         overrides, metrics = trained(sweep, job)
         assert f"model.lr={lr}" in overrides
-        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["sora_config"]["model"]["lr"] == lr
         losses[job] = metrics["val/loss"]
     rows = table(sweep)

@@ -34,7 +34,7 @@ def _metrics(run_dir: Path, version: int = 0) -> list[dict]:
 
 
 def _ckpt(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def _stream_batches(ckpt: dict) -> int:

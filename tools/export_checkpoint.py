@@ -12,8 +12,9 @@ The input is any of:
 
 The output (format in :mod:`sora.training.export`) holds the LightningModule's weights under their
 own names, the EMA under ``ema.<name>``, and the run's config as JSON in the file's metadata;
-``sora-sample`` and ``sora-eval`` load it without unpickling anything. Reading the input unpickles
-it (``torch.load``), as resuming would: export only checkpoints you trust.
+``sora-sample`` and ``sora-eval`` load it without unpickling anything. The input is read with
+``torch.load(weights_only=True)`` (tensors and plain data only; DeepSpeed's loads forced to it, a
+distributed checkpoint's ``.metadata`` checked first): a checkpoint holding pickled code is refused.
 """
 
 from __future__ import annotations

@@ -43,19 +43,18 @@ def checkpoint_kind(ckpt: dict, path) -> str:
 
 
 def load_checkpoint(path) -> dict:
-    """A Lightning ``.ckpt`` or a ``.safetensors`` export (tools/export_checkpoint.py; no unpickling)."""
-    import torch
-
+    """A Lightning ``.ckpt`` (``weights_only=True``) or a ``.safetensors`` export (tools/export_checkpoint.py)."""
+    from sora.training.checkpoint_io import CheckpointError, load_checkpoint_file
     from sora.training.export import SUFFIX, ExportError, read_export
 
     try:
         if str(path).endswith(SUFFIX):
             return read_export(path)
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        return load_checkpoint_file(str(path))
     except ExportError as e:
         raise SystemExit(f"sora-eval: {e}") from None
-    except Exception as e:  # noqa: BLE001 - anything unreadable is one line
-        raise SystemExit(f"sora-eval: {path} is not a checkpoint ({' '.join(str(e).split())[:200]})") from None
+    except CheckpointError as e:  # refused (pickled code), truncated, or not a torch file at all
+        raise SystemExit(f"sora-eval: {path} is not a checkpoint it can load: {e.reason}") from None
 
 
 def load_autoencoder(ckpt: dict, use_ema: bool, device):

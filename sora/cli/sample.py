@@ -42,21 +42,20 @@ CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def read_checkpoint(ckpt_path: str) -> dict:
-    """The checkpoint dict of a DiT run (a Lightning ``.ckpt``, or a ``.safetensors`` export of
-    ``tools/export_checkpoint.py``, read without unpickling); one-line SystemExit for anything else."""
-    import torch
-
+    """The checkpoint dict of a DiT run (a Lightning ``.ckpt``, read with ``weights_only=True``, or a
+    ``.safetensors`` export of ``tools/export_checkpoint.py``); one-line SystemExit for anything else."""
+    from sora.training.checkpoint_io import CheckpointError, load_checkpoint_file
     from sora.training.export import SUFFIX, ExportError, read_export
 
     try:
         if str(ckpt_path).endswith(SUFFIX):
             ckpt = read_export(ckpt_path)
         else:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint_file(ckpt_path)
     except ExportError as e:
         raise SystemExit(f"sora-sample: {e}") from None
-    except Exception as e:  # noqa: BLE001 - not a torch file at all
-        raise SystemExit(f"sora-sample: {ckpt_path} is not a checkpoint ({' '.join(str(e).split())[:200]})") from None
+    except CheckpointError as e:  # refused (pickled code), truncated, or not a torch file at all
+        raise SystemExit(f"sora-sample: {ckpt_path} is not a checkpoint it can load: {e.reason}") from None
     model = (ckpt.get("sora_config") or {}).get("model") if isinstance(ckpt, dict) else None
     if not isinstance(model, dict) or not str(model.get("_target_", "")).endswith("DiTModule"):
         raise SystemExit(f"sora-sample: {ckpt_path} is not a checkpoint of a DiT run (sora-train model=dit)")

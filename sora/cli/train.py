@@ -6,8 +6,9 @@
 
 Everything goes into the Hydra run dir (``hydra.run.dir=DIR``): ``checkpoints/last.ckpt`` (and
 periodic ones), the logs (``csv/version_N/metrics.csv`` by default), ``.hydra/`` (the composed
-config). ``ckpt_path``: null (start), a path, or ``last`` (this run dir's ``checkpoints/last.ckpt``):
-resume is exact (weights, optimizer, schedule, EMA, data stream position).
+config). ``ckpt_path``: null (start), a path, ``last`` (this run dir's newest intact checkpoint) or
+``auto`` (``last`` if there is one, else a start): resume is exact (weights, optimizer, schedule, EMA,
+RNG, data stream position).
 """
 
 from __future__ import annotations
@@ -54,12 +55,42 @@ def named(cfg: DictConfig | None, what: str) -> list:
 
 
 def resolve_ckpt(ckpt_path, run_dir: Path) -> str | None:
+    """``last``: the newest intact checkpoint of the run dir (``checkpoints/last.ckpt``, else the periodic
+    ones, newest first; a warning names each damaged one skipped); ``auto``: the same, or a fresh start
+    when there is none yet. A path (a file, or a DeepSpeed /
+    distributed-checkpoint folder) must be intact: a truncated or corrupt one fails here, in one line."""
+    from sora.training.checkpoint_io import CheckpointError, problem, resolve_last
+
     if ckpt_path in (None, ""):
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if str(ckpt_path) == "last" else Path(str(ckpt_path))
-    if not path.exists():  # a file, or a folder (DeepSpeed, distributed checkpoints)
+    if str(ckpt_path) in ("last", "auto"):
+        try:
+            path = resolve_last(run_dir / "checkpoints")
+        except CheckpointError as e:
+            raise SystemExit(f"sora-train: error in ckpt_path={ckpt_path}: {e}") from None
+        if path is None and str(ckpt_path) == "auto":  # a first start (e.g. of a job SLURM may requeue)
+            log.info("ckpt_path=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
+            return None
+        if path is None:
+            raise SystemExit(f"sora-train: error in ckpt_path=last: no checkpoint at {run_dir / 'checkpoints'}")
+        return str(path)
+    path = Path(str(ckpt_path))
+    if not path.exists():
         raise SystemExit(f"sora-train: error in ckpt_path={ckpt_path}: no checkpoint at {path}")
+    reason = problem(path)
+    if reason:
+        raise SystemExit(f"sora-train: error in ckpt_path={ckpt_path}: {path}: {reason}")
     return str(path)
+
+
+def checked(cfg: DictConfig, files: bool = True) -> None:
+    """:func:`sora.training.config_checks.check`: a config that cannot work is one line naming the key."""
+    from sora.training.config_checks import ConfigError, check
+
+    try:
+        check(cfg, files=files)
+    except ConfigError as e:
+        raise SystemExit(f"sora-train: error in {e}") from None
 
 
 def submitit_local_ranks() -> None:
@@ -109,11 +140,13 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
 
     from sora.training.callbacks import ConfigInCheckpoint
+    from sora.training.checkpoint_io import CheckpointError, use_atomic_checkpoints
 
     if logging.getLogger().handlers:  # Hydra's console + train.log handlers: no second copy of each line
         logging.getLogger("lightning").handlers.clear()
     L.seed_everything(cfg.seed, workers=True)
     build(cfg.timeline, "timeline")  # a bad timing config fails first, with its own message
+    checked(cfg, files=False)  # sizes vs strides, heads: one line before anything heavy
     if cfg.get("dry_run"):  # dry_run=true or any dry_run.* key: parameters, FLOPs, memory per bucket; no training
         from sora.training.dry_run import dry_run
 
@@ -122,6 +155,7 @@ def train(cfg: DictConfig) -> dict:
                 return {}
         except Exception as e:  # noqa: BLE001 - one line naming the part
             raise fail("dry_run", e) from e
+    checked(cfg)  # and the files it names (a dry run reads none)
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
     callbacks = named(cfg.get("callbacks"), "callbacks")
@@ -134,9 +168,13 @@ def train(cfg: DictConfig) -> dict:
     submitit_local_ranks()
     strategy = {"strategy": build(cfg.strategy, "strategy")} if "_target_" in (cfg.get("strategy") or {}) else {}
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **strategy)
+    use_atomic_checkpoints(trainer.strategy)  # atomic writes, weights_only reads (DeepSpeed/FSDP2: their own)
     check_launch(trainer)
     t0 = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    except CheckpointError as e:  # a full disk, a refused or damaged checkpoint: one line
+        raise SystemExit(f"sora-train: {e}") from None
     seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     if trainer.global_rank == 0:  # the run's final metrics, for sweep summaries (tools/sweep_summary.py)

@@ -43,6 +43,7 @@ import torch
 
 from sora.data.buckets import Bucket
 from sora.data.pipeline import ClipBatch, Sample, ShardClipStream, expand_shards
+from sora.data.shard_reader import caption_text
 from sora.timeline import Timeline, as_fraction
 
 FORMAT = "sora-latents/1: float32 posterior modes (audio: channel mean), text embeddings of real tokens"
@@ -257,15 +258,22 @@ class LatentClipStream(ShardClipStream):
                                        f"from {key}={recorded[key]!r}: set data.train.{key}={recorded[key]!r} "
                                        f"or re-encode")
 
-    def _bucket_of(self, sample: dict) -> int:
-        return int(json.loads(sample["json"])["bucket"])
+    def _bucket_of(self, sample: dict) -> int:  # a bad json: the sample is skipped, named and counted
+        b = int(json.loads(sample["json"])["bucket"])
+        if not 0 <= b < len(self.buckets):
+            raise ValueError(f"bucket {b} is not one of the cache's {len(self.buckets)}")
+        return b
 
     def decode(self, item, bucket, rng) -> Sample:
         info = json.loads(item["json"])
+        if not isinstance(info, dict):
+            raise ValueError(f"the .json is a {type(info).__name__}, not an object")
         arrays = {m: npy_load(item[f"{m}.npy"]) for m in ("video", "audio", "text") if f"{m}.npy" in item}
         if "video" not in arrays or "audio" not in arrays:
             raise ValueError(f"no video.npy/audio.npy in cached sample, only {sorted(item)}")
-        caption = item["txt"].decode("utf-8") if "txt" in item else ""
+        if any(a.dtype.kind != "f" for a in arrays.values()):
+            raise ValueError(f"cached arrays must be float, got {({m: str(a.dtype) for m, a in arrays.items()})}")
+        caption = caption_text(item["txt"]) if "txt" in item else ""
         return Sample(item["__key__"], np.zeros((0, bucket.height, bucket.width, 3), np.uint8),
                       np.zeros((self.channels, 0), np.float32), np.zeros(0, bool), bool(info.get("has_audio", True)),
                       caption, float(info.get("start", 0.0)), {**(info.get("meta") or {}), _LATENTS: arrays})

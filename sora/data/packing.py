@@ -27,7 +27,7 @@ present (``parts``), so every part can be encoded by the autoencoders at its own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
@@ -89,7 +89,8 @@ class PackedBatch:
     (in order of first appearance in the pack); samples are numbered part after part."""
 
     parts: list  # list[ClipBatch]
-    skipped: int = 0        # planned samples of this pack that failed to decode
+    skipped: int = 0        # errors met since the previous batch (see ClipBatch.skipped)
+    skipped_by: dict = field(default_factory=dict)  # the same by kind
     loader_step: int = 0    # set by the datamodule's loader, as for a ClipBatch
 
     def __len__(self) -> int:

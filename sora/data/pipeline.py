@@ -10,8 +10,17 @@ epoch and sample key) and yields it.
 So a worker's position is two integers, ``(epoch, batches yielded in that epoch)``: that is
 its ``state_dict``. Restored (through torchdata's ``StatefulDataLoader``, which snapshots every
 worker's state with each batch), a worker replays the plan without decoding up to that batch
-and continues with the exact next sample. A sample that fails to decode is dropped from its
-batch, named in a warning and counted (``ClipBatch.skipped``); the run goes on.
+and continues with the exact next sample.
+
+Bad data is skipped, named in one warning line (shard, sample key, reason) and counted; the run
+goes on. ``decode``: a sample without a readable video, too short, with a caption that is not text.
+``shard``: a shard that cannot be opened (e.g. deleted), corrupt tar data (skipped up to the next
+good header), a truncated shard (its rest, and the sample being read, are lost). Each batch
+carries the errors met since the previous one (``skipped_by``, total ``skipped``), so the sum over
+all batches is every error (a finite pass drops those after its last batch);
+:class:`sora.training.data_health.DataHealth` logs them as ``data/skipped``. Replaying the plan on
+resume does not count again. Members that hold pickles (``.pyd``, ``.pickle``, ...) are dropped
+unread: nothing from a shard is ever unpickled.
 
 Packing (``pack={max_tokens: N}``, :mod:`sora.data.packing`): the plan fills packs of clips of any
 bucket up to ``N`` DiT tokens instead of ``batch_size`` clips of one bucket, and yields
@@ -27,6 +36,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import random
 import zlib
 from abc import ABC, abstractmethod
@@ -40,10 +50,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sora.data.buckets import Bucket, cover_size, crop, make_buckets, nearest_bucket
 from sora.data.packing import PackedBatch, Packer, group_by_bucket
+from sora.data.shard_reader import caption_text, read_shards
 from sora.media import VIDEO_EXTS, probe_av, read_av
 from sora.timeline import Timeline
 
 log = logging.getLogger(__name__)
+KINDS = ("decode", "shard")  # what a skip is counted as: a bad sample; an unreadable shard or part of one
 
 
 @dataclass
@@ -60,7 +72,8 @@ class ClipBatch:
     fps: float
     sample_rate: int
     meta: list[dict] = field(default_factory=list)  # per clip: the shard's json (world ground truth...)
-    skipped: int = 0           # planned samples of this batch that failed to decode
+    skipped: int = 0           # errors met since the previous batch: samples and shard parts skipped
+    skipped_by: dict = field(default_factory=dict)  # the same by kind (KINDS)
     loader_step: int = 0       # set by the datamodule's loader: which yielded batch this is
 
     def __len__(self) -> int:
@@ -89,7 +102,8 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
-def collate(samples: list[Sample], fps: float, sample_rate: int, skipped: int = 0) -> ClipBatch:
+def collate(samples: list[Sample], fps: float, sample_rate: int, skipped_by: dict | None = None) -> ClipBatch:
+    skipped_by = dict(skipped_by or {})
     video = torch.from_numpy(np.stack([s.frames for s in samples])).permute(0, 4, 1, 2, 3)
     return ClipBatch(
         video=video,
@@ -98,7 +112,8 @@ def collate(samples: list[Sample], fps: float, sample_rate: int, skipped: int = 
         has_audio=torch.tensor([s.has_audio for s in samples]),
         captions=[s.caption for s in samples], keys=[s.key for s in samples],
         start=torch.tensor([s.start for s in samples], dtype=torch.float64),
-        fps=fps, sample_rate=sample_rate, meta=[s.meta for s in samples], skipped=skipped)
+        fps=fps, sample_rate=sample_rate, meta=[s.meta for s in samples], skipped=sum(skipped_by.values()),
+        skipped_by=skipped_by)
 
 
 def _seed(*parts) -> int:
@@ -120,6 +135,7 @@ class ClipStream(IterableDataset, ABC):
         self.shuffle, self.infinite, self.channels, self.random_crop = shuffle, infinite, channels, random_crop
         self.rank, self.world_size = None, None   # set by the datamodule; else torch.distributed
         self._epoch, self._batches, self._skipped = 0, 0, 0
+        self._pending, self._replaying = dict.fromkeys(KINDS, 0), False  # errors not yet on a batch
 
     # -- resume state (one per worker; torchdata's StatefulDataLoader collects them) --------
     def state_dict(self) -> dict:
@@ -129,6 +145,18 @@ class ClipStream(IterableDataset, ABC):
         if state.get("seed", self.seed) != self.seed:
             log.warning("data: resuming a stream saved with seed %s under seed %s", state["seed"], self.seed)
         self._epoch, self._batches, self._skipped = state["epoch"], state["batches"], state.get("skipped", 0)
+        self._pending = dict.fromkeys(KINDS, 0)
+
+    def _error(self, kind: str, what: str, reason) -> None:
+        """A skip: named in one warning line and counted, on the next batch (not when replaying the plan
+        to a restored position: those were counted before)."""
+        reason = _reason(reason)
+        if self._replaying:
+            log.info("data: skipped %s: %s (again, resuming)", what, reason)
+            return
+        self._pending[kind] += 1
+        self._skipped += 1
+        log.warning("data: skipped %s: %s", what, reason)
 
     # -- what subclasses provide -------------------------------------------------------------
     @abstractmethod
@@ -169,7 +197,14 @@ class ClipStream(IterableDataset, ABC):
         epoch, done = self._epoch, self._batches
         while True:
             resumed_at, yielded = done, 0
-            for index, (b, items) in enumerate(self.plan(epoch, worker, num_workers)):
+            plan = enumerate(self.plan(epoch, worker, num_workers))
+            self._replaying = done > 0
+            ahead = next(plan, None)
+            while ahead is not None:
+                index, (b, items) = ahead
+                self._replaying = index < done
+                ahead = next(plan, None)  # plan one batch ahead: errors met reading it go with this one
+                self._replaying = False
                 if index < done:
                     continue  # replaying the plan up to the restored position: nothing decoded
                 samples = []  # (bucket, sample)
@@ -178,13 +213,12 @@ class ClipStream(IterableDataset, ABC):
                     try:
                         samples.append((bi, self.decode(item, self.buckets[bi], rng)))
                     except Exception as e:  # noqa: BLE001 - any bad sample is skipped, named and counted
-                        self._skipped += 1
-                        log.warning("data: skipped %s (%s): %s", item["__key__"], item.get("__url__", "world"),
-                                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        self._error("decode", f"sample {item['__key__']} of {item.get('__url__', 'world')}", e)
                 self._epoch, self._batches = epoch, index + 1
                 if samples:
                     yielded += 1
-                    yield self._batch(samples, skipped=len(items) - len(samples))
+                    errors, self._pending = self._pending, dict.fromkeys(KINDS, 0)
+                    yield self._batch(samples, errors)
             if not self.infinite:
                 return
             if yielded == 0 and resumed_at == 0:  # a whole epoch without one batch: would spin forever
@@ -193,11 +227,12 @@ class ClipStream(IterableDataset, ABC):
             epoch, done = epoch + 1, 0
             self._epoch, self._batches = epoch, 0
 
-    def _batch(self, samples: list[tuple[int, Sample]], skipped: int):
+    def _batch(self, samples: list[tuple[int, Sample]], errors: dict):
         fps, rate = float(self.timeline.fps_q), self.timeline.sample_rate
         if self.packer is None:
-            return collate([s for _, s in samples], fps, rate, skipped=skipped)
-        return PackedBatch([collate(group, fps, rate) for group in group_by_bucket(samples)], skipped=skipped)
+            return collate([s for _, s in samples], fps, rate, skipped_by=errors)
+        return PackedBatch([collate(group, fps, rate) for group in group_by_bucket(samples)],
+                           skipped=sum(errors.values()), skipped_by=dict(errors))
 
     def _fit_audio(self, audio: np.ndarray, mask: np.ndarray):
         n = self.timeline.num_samples
@@ -231,38 +266,38 @@ class ShardClipStream(ClipStream):
             urls = urls[worker::num_workers]
         else:  # fewer shards than workers: everybody reads all, keeps every n-th sample
             every = num_workers
-        stream = wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=self._shard_error)
-        stream = (s for i, s in enumerate(stream) if i % every == worker % every)
+        stream = (s for i, s in enumerate(read_shards(urls, self._error)) if i % every == worker % every)
         if self.shuffle:
             rng = random.Random(_seed(self.seed, epoch, worker))
             stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(stream)
         for sample in stream:
-            yield sample, self._bucket_of(sample)
-
-    def _shard_error(self, exn: Exception) -> bool:
-        self._skipped += 1
-        log.warning("data: shard error, skipped: %s", exn)
-        return True
+            try:
+                bucket = self._bucket_of(sample)
+            except Exception as e:  # noqa: BLE001 - e.g. no size in the json and an unreadable video
+                self._error("decode", f"sample {sample['__key__']} of {sample['__url__']}", e)
+                continue
+            yield sample, bucket
 
     def _bucket_of(self, sample: dict) -> int:
         if len(self.buckets) == 1:
             return 0
-        meta = _json(sample)
-        try:
-            h, w = int(meta["height"]), int(meta["width"])
-        except (KeyError, TypeError, ValueError):  # no usable json: read the container header
+        size = _fields(_json(sample), ("height", "width"))
+        if size is None:  # no usable json: read the container header
             info = probe_av(_video_bytes(sample))
-            h, w = info.height, info.width
-        return nearest_bucket(h, w, self.buckets)
+            size = info.height, info.width
+        return nearest_bucket(int(size[0]), int(size[1]), self.buckets)
 
     def decode(self, item, bucket, rng):
         data = _video_bytes(item)
         meta = _json(item)
-        try:  # the shard's probe metadata saves opening the container twice
-            duration, height, width = float(meta["duration"]), int(meta["height"]), int(meta["width"])
-        except (KeyError, TypeError, ValueError):
+        caption = caption_text(item["txt"]) if "txt" in item else meta.get("caption")
+        if not isinstance(caption, (str, type(None))):
+            raise ValueError(f"the caption in .json is a {type(caption).__name__}, not text")
+        fields = _fields(meta)  # the shard's probe metadata saves opening the container twice
+        if fields is None:  # missing or nonsense: read the container header
             info = probe_av(data)
-            duration, height, width = info.duration, info.height, info.width
+            fields = info.duration, info.height, info.width
+        duration, height, width = fields[0], int(fields[1]), int(fields[2])
         tl = self.timeline
         room = duration - tl.read_duration
         if room < -1e-6:
@@ -275,9 +310,22 @@ class ShardClipStream(ClipStream):
             raise ValueError(f"decoded {len(clip.frames)} frames of the {tl.num_frames} needed")
         frames = crop(clip.frames[:tl.num_frames], bucket, rng if self.random_crop else None)
         audio, mask = self._fit_audio(clip.audio, clip.audio_mask)
-        caption = item["txt"].decode("utf-8", "replace") if "txt" in item else meta.get("caption", "")
-        return Sample(item["__key__"], frames, audio, mask, clip.info.has_audio,
-                      str(caption or ""), start, meta)
+        return Sample(item["__key__"], frames, audio, mask, clip.info.has_audio, caption or "", start, meta)
+
+
+def _reason(e) -> str:
+    """An error as one line."""
+    s = str(e).strip()
+    return " ".join(s.split()) if s else type(e).__name__
+
+
+def _fields(meta: dict, names=("duration", "height", "width")) -> tuple[float, ...] | None:
+    """Probe metadata from a shard's json, or None when a field is missing or not a positive number."""
+    try:
+        out = tuple(float(meta[n]) for n in names)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return out if all(math.isfinite(v) and v > 0 for v in out) else None
 
 
 def _json(sample: dict) -> dict:

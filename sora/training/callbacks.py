@@ -10,7 +10,7 @@ from collections import deque
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
 class EMA(Callback):
@@ -160,10 +160,16 @@ class RNGState(Callback):
     ``seed``: a fresh run seeds them at its first batch from (``seed``, data-parallel rank), so
     every data-parallel rank draws its own noise and timesteps, the ranks of a sequence-parallel
     group the same ones, and none depends on what a strategy drew while starting up.
+
+    Validation does not move training's random stream: the states at the end of the last training
+    batch are put back when a validation run ends. Otherwise the draws of validation (its loader's
+    seed, sampling in callbacks) would sit between a checkpoint and the next step of an uninterrupted
+    run but not of a run resumed from that checkpoint.
     """
 
     def __init__(self, seed: int | None = None):
         self._pending: dict | None = None
+        self._before_validation: dict | None = None
         self.seed, self._started = seed, False
 
     @staticmethod
@@ -209,6 +215,13 @@ class RNGState(Callback):
             np.random.seed(seed)
             random.seed(seed)
         self._started = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._before_validation = self.capture()  # what a checkpoint saved now holds: validation may follow
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._before_validation is not None and not trainer.sanity_checking:
+            self.restore(self._before_validation)
 
 
 # Dense peak FLOP/s of one device (no sparsity), for ``Throughput(peak_flops=NAME)``.
@@ -311,6 +324,20 @@ class Samples(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.size is None and hasattr(batch, "video"):
             self._size = list(batch.video.shape[-2:])  # the training frame size
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` always ends at the run's last step.
+
+    Lightning 2.6 writes ``last.ckpt`` when training ends only if it saved nothing before: a run whose
+    ``max_steps`` is not a multiple of ``every_n_train_steps`` ended with ``last.ckpt`` at the last
+    periodic step, and ``ckpt_path=last`` (or a later stage reading it) silently lost the steps after it.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
 
 class ConfigInCheckpoint(Callback):

@@ -50,8 +50,10 @@ MODALITIES = ("video", "audio")
 def stage_weights(path: str, prefix: str, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """Weights under ``prefix`` (e.g. ``"vae."``) from a Lightning checkpoint of an earlier stage,
     with the prefix removed; its EMA weights (``callbacks["EMA"]["shadow"]``) when present and
-    ``use_ema``. The checkpoint is a trusted file of this project (``torch.load(weights_only=False)``)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ``use_ema``. Read with ``torch.load(weights_only=True)``: a checkpoint with pickled code is refused."""
+    from sora.training.checkpoint_io import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path)
     state = dict(ckpt.get("state_dict", ckpt))
     ema = (ckpt.get("callbacks") or {}).get("EMA") or {}
     if use_ema and ema.get("shadow"):

@@ -9,11 +9,12 @@ Format (``sora-export/1``), read by ``sora-sample``, ``sora-eval`` and :func:`re
   rebuild the model), ``global_step``, ``source`` (the kind of checkpoint it came from).
 
 Loading it never unpickles anything: safetensors tensors and JSON. :func:`read_training_checkpoint`
-reads the three kinds of training checkpoints (they are the user's own files, read with
-``torch.load(weights_only=False)``, as Lightning does): a Lightning ``.ckpt`` file, a DeepSpeed
-ZeRO checkpoint folder (weights consolidated from the shards by DeepSpeed's ``zero_to_fp32``), and
-a torch distributed-checkpoint folder (FSDP2, ``strategy=fsdp``), which are all turned into the
-same dict: ``state_dict``, ``callbacks.EMA.shadow``, ``sora_config``, ``global_step``.
+reads the three kinds of training checkpoints, never running code from them (``torch.load(weights_only=True)``,
+see :mod:`sora.training.checkpoint_io`): a Lightning ``.ckpt`` file, a DeepSpeed ZeRO checkpoint
+folder (weights consolidated from the shards by DeepSpeed's ``zero_to_fp32``, its loads forced to
+``weights_only``), and a torch distributed-checkpoint folder (FSDP2, ``strategy=fsdp``; its pickled
+``.metadata`` checked by a restricted unpickler first), which are all turned into the same dict:
+``state_dict``, ``callbacks.EMA.shadow``, ``sora_config``, ``global_step``.
 """
 
 from __future__ import annotations
@@ -110,25 +111,24 @@ def checkpoint_kind(path) -> str:
     raise ExportError(f"{path}: no such checkpoint")
 
 
-def _load_trusted(path) -> dict:
-    return torch.load(str(path), map_location="cpu", weights_only=False)
-
-
 def _read_deepspeed(path: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import (get_fp32_state_dict_from_zero_checkpoint, get_model_state_file,
                                               get_optim_files)
 
+    from sora.training.checkpoint_io import deepspeed_globals, safe_loading
+
     tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else "checkpoint"
     folder = path / tag
-    optim = _load_trusted(get_optim_files(str(folder))[0])
-    stage = optim["optimizer_state_dict"]["zero_stage"]
-    del optim
-    client = _load_trusted(get_model_state_file(str(folder), stage))
+    with safe_loading(path, deepspeed_globals()):  # zero_to_fp32's own torch.load calls too
+        optim = torch.load(get_optim_files(str(folder))[0], map_location="cpu", weights_only=True)
+        stage = optim["optimizer_state_dict"]["zero_stage"]
+        del optim
+        client = torch.load(get_model_state_file(str(folder), stage), map_location="cpu", weights_only=True)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     engine_keys = ("module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps",
                    "global_steps", "dp_world_size", "mp_world_size", "buffer_names", "param_shapes",
                    "frozen_param_shapes", "frozen_param_fragments", "shared_params", "ds_config", "ds_version")
     ckpt = {k: v for k, v in client.items() if k not in engine_keys}
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     ckpt["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state.items()}
     return ckpt
 
@@ -138,29 +138,36 @@ def _read_distributed(path: Path) -> dict:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from sora.training.checkpoint_io import check_dcp_metadata, load_checkpoint_file
+
+    check_dcp_metadata(path)  # torch unpickles .metadata with pickle.load: only its own classes pass
     state: dict = {}
     _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
                      planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
-    ckpt = _load_trusted(path / "meta.pt") if (path / "meta.pt").is_file() else {}
+    ckpt = load_checkpoint_file(path / "meta.pt") if (path / "meta.pt").is_file() else {}
     ckpt["state_dict"] = state["state_dict"]
     return ckpt
 
 
 def read_training_checkpoint(path) -> dict:
     """Any checkpoint ``sora-train`` writes (or an export) as one full checkpoint dict on CPU."""
+    from sora.training.checkpoint_io import CheckpointError, load_checkpoint_file
+
     path = Path(path)
     kind = checkpoint_kind(path)
     try:
         if kind == "export":
             return read_export(path)
         if kind == "lightning":
-            ckpt = _load_trusted(path)
+            ckpt = load_checkpoint_file(path)
         elif kind == "deepspeed":
             ckpt = _read_deepspeed(path)
         else:
             ckpt = _read_distributed(path)
     except ExportError:
         raise
+    except CheckpointError as e:  # refused (pickled code), truncated or corrupt
+        raise ExportError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - unreadable: one line naming the file and the reason
         raise ExportError(f"{path}: cannot read this {kind} checkpoint: {type(e).__name__}: "
                           f"{' '.join(str(e).split())[:300]}") from e

@@ -101,9 +101,21 @@ class DeepSpeed(DeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """DeepSpeed's folder of shards, written to ``<filepath>.tmp`` and renamed when whole."""
+        from sora.training.checkpoint_io import atomic_folder
+
+        with atomic_folder(self, self.broadcast(str(filepath))) as tmp:
+            super().save_checkpoint(checkpoint, str(tmp), storage_options)
+
     def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """DeepSpeed's own loads (``weights_only=False``) forced to ``weights_only=True``, allowing only
+        the two data classes DeepSpeed pickles into its optimizer shards."""
+        from sora.training.checkpoint_io import deepspeed_globals, safe_loading
+
         check_zero_world_size(checkpoint_path, self.world_size)
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        with safe_loading(checkpoint_path, deepspeed_globals()):
+            return super().load_checkpoint(checkpoint_path, weights_only=True)
 
     def _init_config_if_needed(self) -> None:
         first = not self._config_initialized
@@ -164,6 +176,23 @@ class FSDP2(ModelParallelStrategy):
                             f"configure_model hook); train the DiT stage (model=dit) with it, or use strategy=ddp or "
                             f"strategy=deepspeed_stage_2 for this stage")
         super().setup(trainer)
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """A distributed-checkpoint folder is written to ``<filepath>.tmp`` and renamed when whole (a
+        full checkpoint file: the CheckpointIO's atomic write)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from sora.training.checkpoint_io import atomic_folder
+
+        with atomic_folder(self, self.broadcast(str(filepath))) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """``weights_only=True``; a folder's ``.metadata`` (which torch unpickles) checked first."""
+        from sora.training.checkpoint_io import check_dcp_metadata
+
+        check_dcp_metadata(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
 
 
 def configure_sequence_parallel(module) -> None:

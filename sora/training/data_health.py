@@ -1,0 +1,56 @@
+"""``data/skipped``: how much bad data the train streams skipped, logged every step.
+
+The streams (:mod:`sora.data.pipeline`) skip a bad sample or an unreadable shard (part) with one
+warning line and attach the count to the next batch they yield (``batch.skipped_by``, by kind).
+:class:`DataHealth` sums those counts over the batches trained on and over the data-parallel
+ranks, and logs the cumulative totals: ``data/skipped`` and one ``data/skipped_<kind>`` per kind
+(``decode``: bad samples; ``shard``: shards or parts of them that could not be read).
+
+Ranks: every rank adds the counts of its own batches; each step one ``sum`` reduction over the
+ranks (``trainer.strategy.reduce``: an all-reduce under DDP, FSDP, DeepSpeed; nothing on one device)
+gives the global totals, which every rank then logs as is (no ``sync_dist``). The ranks of one
+sequence-parallel group read the same clips, so their sum is divided by the group size.
+
+The totals are in the callback's ``state_dict`` (in checkpoints): a resumed run continues the count.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from sora.data.pipeline import KINDS
+
+
+class DataHealth(Callback):
+    """Logs ``data/skipped`` (and ``data/skipped_<kind>``): samples and shard parts skipped so far."""
+
+    def __init__(self):
+        self.base = dict.fromkeys(KINDS, 0)    # global totals restored from a checkpoint
+        self.local = dict.fromkeys(KINDS, 0)   # this rank's counts since this run started
+        self._global = None                     # global totals at the last step (a tensor: no host sync)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for kind, n in (getattr(batch, "skipped_by", None) or {}).items():
+            if kind in self.local:
+                self.local[kind] += int(n)
+        counts = torch.tensor([float(self.local[k]) for k in KINDS], device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")  # every rank, every step: matched
+        counts = counts / max(1, int(getattr(pl_module, "sequence_parallel", 1) or 1))
+        self._global = counts + torch.tensor([float(self.base[k]) for k in KINDS], device=counts.device)
+        logs = {"data/skipped": self._global.sum(), **{f"data/skipped_{k}": c for k, c in zip(KINDS, self._global)}}
+        pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Global totals by kind after the last step (those restored before the first)."""
+        if self._global is None:
+            return dict(self.base)
+        return dict(zip(KINDS, self._global.round().long().tolist()))
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.totals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base = {k: int(state.get("skipped", {}).get(k, 0)) for k in KINDS}
+        self.local, self._global = dict.fromkeys(KINDS, 0), None
