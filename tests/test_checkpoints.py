@@ -20,8 +20,8 @@ import torch
 
 from sora.cli.train import resolve_ckpt
 from sora.training import checkpoint_io
-from sora.training.checkpoint_io import (AtomicCheckpointIO, CheckpointError, atomic_folder, check_dcp_metadata,
-                                         problem, safe_loading, use_atomic_checkpoints)
+from sora.training.checkpoint_io import CheckpointError, atomic_folder, check_dcp_metadata, problem, safe_loading
+from sora.training.strategies import AtomicCheckpointIO, use_atomic_checkpoints
 
 DIT = {"model": {"_target_": "sora.training.dit.DiTModule"}}
 

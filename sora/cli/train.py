@@ -140,7 +140,8 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
 
     from sora.training.callbacks import ConfigInCheckpoint
-    from sora.training.checkpoint_io import CheckpointError, use_atomic_checkpoints
+    from sora.training.checkpoint_io import CheckpointError
+    from sora.training.strategies import use_atomic_checkpoints
 
     if logging.getLogger().handlers:  # Hydra's console + train.log handlers: no second copy of each line
         logging.getLogger("lightning").handlers.clear()

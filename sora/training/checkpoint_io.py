@@ -1,8 +1,8 @@
 """Checkpoints that survive crashes and full disks, and that load without running code from the file.
 
 * Writes are atomic. A checkpoint file is written to ``<name>.tmp`` in its own folder, flushed and
-  fsynced, then renamed over ``<name>`` (:class:`AtomicCheckpointIO`, the CheckpointIO ``sora-train``
-  gives its strategy). A folder checkpoint (DeepSpeed ZeRO, FSDP2's torch distributed checkpoint) is
+  fsynced, then renamed over ``<name>`` (:func:`save_file`; ``sora-train`` gives its strategy
+  :class:`sora.training.strategies.AtomicCheckpointIO`). A folder checkpoint (DeepSpeed ZeRO, FSDP2's torch distributed checkpoint) is
   written by every rank into ``<name>.tmp/``; after a barrier rank 0 moves the previous folder to
   ``<name>.old``, renames the new one into place and deletes the old (:func:`atomic_folder`). A failed
   write (a full disk: ``ENOSPC``) removes the temporary and raises :class:`CheckpointError`, one line
@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import pickle
@@ -306,47 +305,3 @@ def deepspeed_globals() -> list:
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     return [ZeroStageEnum, LossScaler, DynamicLossScaler]
-
-
-# -- Lightning -----------------------------------------------------------------------------------------
-@functools.cache
-def _atomic_checkpoint_io() -> type:
-    """``AtomicCheckpointIO``, defined on first use: it subclasses Lightning's ``TorchCheckpointIO``, and
-    importing Lightning takes seconds, which ``sora-train`` checks ``ckpt_path`` before."""
-    from lightning.fabric.plugins import TorchCheckpointIO
-    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        """Lightning's ``TorchCheckpointIO`` with atomic local writes (:func:`save_file`) and
-        ``weights_only=True`` reads (:func:`load_checkpoint_file`); remote paths (fsspec) as Lightning's."""
-
-        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-            if storage_options is not None or not _is_local_file_protocol(path):
-                return super().save_checkpoint(checkpoint, path, storage_options)
-            save_file(checkpoint, path)
-
-        def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
-            """Always ``weights_only=True``, whatever is asked."""
-            if not _is_local_file_protocol(path):
-                return super().load_checkpoint(path, map_location, weights_only=True)
-            if not Path(path).exists():
-                raise FileNotFoundError(f"Checkpoint file not found: {path}")
-            return load_checkpoint_file(path, map_location)
-
-    AtomicCheckpointIO.__module__, AtomicCheckpointIO.__qualname__ = __name__, "AtomicCheckpointIO"  # picklable
-    return AtomicCheckpointIO
-
-
-def __getattr__(name: str):  # ``from sora.training.checkpoint_io import AtomicCheckpointIO``
-    if name == "AtomicCheckpointIO":
-        return _atomic_checkpoint_io()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def use_atomic_checkpoints(strategy) -> None:
-    """Give ``strategy`` an ``AtomicCheckpointIO``, unless it has a CheckpointIO of its own (``plugins=``).
-    DeepSpeed and FSDP2 write folders in their own save_checkpoint (:mod:`sora.training.strategies`)."""
-    from lightning.fabric.plugins import TorchCheckpointIO
-
-    if type(strategy.checkpoint_io) is TorchCheckpointIO:
-        strategy.checkpoint_io = _atomic_checkpoint_io()()

@@ -17,13 +17,18 @@ activation checkpointing -> compile -> sharding. Model files stay parallelism-ag
 * :func:`local_shard` / :func:`gather_full` / :func:`shard_like`: the part of a (possibly sharded)
   parameter this rank holds, and the way between it and the full tensor. The EMA callback keeps
   its average in the parameters' own layout with them (``sora.training.callbacks.EMA``).
+* Checkpoints: :class:`AtomicCheckpointIO` (files) and the DeepSpeed / FSDP2 ``save_checkpoint``
+  (folders) write atomically and read with ``weights_only=True`` (:mod:`sora.training.checkpoint_io`).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
@@ -57,6 +62,36 @@ def _deepspeed_on_cpu() -> None:
     if get_accelerator().device_name() != "cpu":
         set_accelerator(CPU_Accelerator())
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a cached dict: edits persist
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with atomic local writes (:func:`sora.training.checkpoint_io.save_file`)
+    and ``weights_only=True`` reads (:func:`~sora.training.checkpoint_io.load_checkpoint_file`); remote
+    paths (fsspec) as Lightning's."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from sora.training.checkpoint_io import save_file
+
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_file(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
+        """Always ``weights_only=True``, whatever is asked."""
+        from sora.training.checkpoint_io import load_checkpoint_file
+
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_checkpoint_file(path, map_location)
+
+
+def use_atomic_checkpoints(strategy) -> None:
+    """Give ``strategy`` an :class:`AtomicCheckpointIO`, unless it has a CheckpointIO of its own (``plugins=``).
+    DeepSpeed and FSDP2 write folders in their own ``save_checkpoint`` (below)."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 class DeepSpeed(DeepSpeedStrategy):
