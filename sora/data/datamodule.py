@@ -24,10 +24,14 @@ following epochs are those of a fresh run at the new size. A warning says so.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections import OrderedDict
+from functools import partial
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sora.data.packing import PackedBatch
@@ -57,6 +61,18 @@ def reshard_position(positions: list[tuple[int, int]], workers: int) -> tuple[in
     current = [b for e, b in positions if e == epoch]
     consumed = sum(current) + max(current) * (len(positions) - len(current))
     return epoch, consumed // workers
+
+
+def worker_init(worker_id: int, rank: int = 0) -> None:
+    """Loader workers ignore SIGTERM and SIGUSR1: the main process decides what they mean (save and stop,
+    :class:`sora.training.guards.Preemption`) and ends its workers itself. SLURM (time limit, ``scancel``,
+    ``--signal``) and ``pkill`` signal every process of the job, workers too, which would otherwise die
+    and take the run down with them before it saved. Then Lightning's worker seeding, which it adds
+    itself only to loaders without a ``worker_init_fn`` (``seed_everything(workers=True)``)."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
 
 
 class RankedLoader(StatefulDataLoader):
@@ -125,10 +141,10 @@ class AVDataModule(L.LightningDataModule):
                 from sora.training.sequence_parallel import data_parallel_rank
 
                 stream.rank, stream.world_size = data_parallel_rank(sp, stream.rank, stream.world_size)
-        workers = self.num_workers
+        workers, rank = self.num_workers, self.trainer.global_rank if self.trainer is not None else 0
         return RankedLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if workers > 0 else None,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=partial(worker_init, rank=rank))
 
     def train_dataloader(self) -> RankedLoader:
         self._train_loader = self._loader(self.train_stream)
