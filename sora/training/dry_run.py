@@ -277,16 +277,12 @@ def options(value) -> Options | None:
 
 def frame_sizes(data_cfg) -> list[tuple[int, int]]:
     """[(H, W)] the run trains on: the data config's aspect-ratio buckets, ``size``, or world size."""
-    from sora.data.buckets import make_buckets
+    from sora.training.config_checks import frame_sizes as stream_sizes
 
-    train = data_cfg.train
-    if train.get("buckets"):
-        return [(b.height, b.width) for b in make_buckets(**train.buckets)]
-    if train.get("size"):
-        return [tuple(int(s) for s in train.size)]
-    if train.get("world"):
-        return [(int(train.world.height), int(train.world.width))]
-    raise ValueError("dry_run: data.train has no size, buckets or world; give dry_run.sizes=[[H,W]]")
+    sizes = [(h, w) for _, h, w in stream_sizes(data_cfg.train, "data.train")]
+    if not sizes:
+        raise ValueError("dry_run: data.train has no size, buckets or world; give dry_run.sizes=[[H,W]]")
+    return sizes
 
 
 @contextmanager
