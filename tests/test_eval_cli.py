@@ -120,3 +120,23 @@ def test_bad_inputs_fail_in_one_line(demo, tmp_path):
         assert proc.returncode != 0
         lines = proc.stderr.strip().splitlines()
         assert lines and message in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_real_baseline_is_other_clips_never_the_references_again(demo, tmp_path):
+    """With fewer held-out clips than 2 x num_samples the real baseline is the clips that remain (labelled),
+    never the references' own windows again (they were byte-identical: fd_mel 0 against 0)."""
+    from omegaconf import OmegaConf
+
+    from sora.cli.eval import Evaluation
+    from sora.evaluation.evaluator import Extractors
+
+    run, _ = demo
+    cfg = OmegaConf.create({"data": str(run / "heldout"), "num_samples": 5, "seed": 0, "cache_dir": None})
+    evaluation = Evaluation(cfg, TL, (32, 32), Extractors(), progress=False)  # 8 clips: 5 references, 3 real
+    assert len(evaluation.refs) == 5 and len(evaluation.real) == 3
+    assert not {c.key for c in evaluation.refs} & {c.key for c in evaluation.real}
+    assert not any(np.array_equal(r.frames, c.frames) for r in evaluation.refs for c in evaluation.real)
+    assert "only 3" in evaluation.protocol["real_baseline_source"]
+    proc = _eval(f"samples={_write(evaluation.refs, tmp_path / 'refs')}", f"data={run / 'heldout'}",
+                 f"out={tmp_path / 'out'}", "num_samples=7", *SAMPLES_TL, cache=tmp_path / "cache")
+    assert proc.returncode != 0 and "give at least 9 clips" in proc.stderr.strip().splitlines()[-1], proc.stderr

@@ -95,11 +95,14 @@ class Evaluation:
         self.cfg, self.timeline, self.size, self.extractors = cfg, timeline, list(size), extractors
         n = int(cfg.num_samples)
         clips = reference_clips(cfg.data, timeline, size, 2 * n, seed=int(cfg.seed))
-        self.refs = clips[:n]
-        self.real, self.real_source = clips[n:], "the next clips of data"
-        if len(self.real) < 2:
-            self.real = reference_clips(cfg.data, timeline, size, n, seed=int(cfg.seed) + 1)
-            self.real_source = "other windows (seed + 1) of the reference clips (data has too few clips)"
+        self.refs, self.real = clips[:n], clips[n:]
+        if len(self.real) < 2:  # other windows of the same clips would be the same fixed windows
+            raise SystemExit(f"sora-eval: data={cfg.data}: {len(clips)} clips of {timeline.seconds:g} s; the real "
+                             f"held-out baseline needs other clips than the num_samples={n} references: give at "
+                             f"least {n + 2} clips (2 x num_samples for a baseline of the same size) or lower num_samples")
+        self.real_source = "the next clips of data" + (
+            "" if len(self.real) == n else f" (only {len(self.real)}: data has {len(clips)} clips; distances "
+                                           f"on fewer clips are biased upwards)")
         self.world = world_config(self.refs, size)
         self.fps, self.sr = float(timeline.fps_q), timeline.sample_rate
         self.protocol = {
@@ -178,7 +181,7 @@ def evaluate_autoencoder(kind: str, ckpt: dict, cfg: DictConfig, extractors, dev
     from hydra.utils import instantiate
 
     from sora.evaluation.evaluator import Clip
-    from sora.evaluation.recon import mel_distance, psnr, si_sdr, ssim
+    from sora.evaluation.recon import mel_distance, psnr, si_sdr, ssim, trivial_psnr
     from sora.training.sampling import from_uint8, to_uint8
 
     module, run_cfg = load_autoencoder(ckpt, cfg.use_ema, device)
@@ -189,12 +192,15 @@ def evaluate_autoencoder(kind: str, ckpt: dict, cfg: DictConfig, extractors, dev
                                                                                   train.world.width])
     evaluation = evaluation or Evaluation(cfg, timeline, size, extractors)  # one reference set per folder
     clips, values = [], {}
+    mean_frame = torch.stack([from_uint8(r.frames) for r in evaluation.refs]).mean(dim=(0, 2))
     with torch.no_grad():
         for ref in evaluation.refs:
             if kind == "video_vae":
                 x = from_uint8(ref.frames)[None].to(device)
                 recon = module.vae(x, sample=False, chunk=module.chunk)[0].clamp(-1, 1)
                 values.setdefault("recon/psnr", []).append(float(psnr(recon, x)[0]))
+                for name, value in trivial_psnr(x.cpu(), mean_frame).items():  # what PSNR must beat
+                    values.setdefault(f"recon/psnr_{name}", []).append(float(value[0]))
                 values.setdefault("recon/ssim", []).append(float(ssim(recon, x)[0]))
                 clips.append(Clip(to_uint8(recon[0]), ref.audio, ref.caption, ref.key, ref.has_audio))
             else:
@@ -307,7 +313,7 @@ def _print_summary(result: dict, out: Path) -> None:
     from sora.evaluation.report import fmt
 
     metrics, real = result["metrics"], result["baselines"]["real"]
-    keys = [k for k in ("fvd", "kvd", "fd_mel", "recon/psnr", "recon/ssim", "recon/mel_distance", "recon/si_sdr_db",
+    keys = [k for k in ("fvd", "kvd", "fd_mel", "recon/psnr", "recon/psnr_still", "recon/psnr_mean_frame", "recon/ssim", "recon/mel_distance", "recon/si_sdr_db",
                         "val/loss", "sync/offset_abs_ms_mean", "sync/within_frame", "physics/gravity_rel_error")
             if k in metrics]
     summary = ", ".join(f"{k} {fmt(metrics[k])}" + (f" (real {fmt(real[k])})" if k in real else "") for k in keys)

@@ -16,6 +16,8 @@ EXPLAIN = {
     "sync/within_frame": "fraction of clips whose offset is within one frame",
     "val/loss": "flow loss at fixed timesteps and noise, on the references",
     "recon/psnr": "reconstruction PSNR (dB) of the video VAE",
+    "recon/psnr_still": "PSNR of each clip's temporal median frame shown throughout (trivial baseline)",
+    "recon/psnr_mean_frame": "PSNR of one mean frame shown for every clip (trivial baseline)",
     "recon/ssim": "reconstruction SSIM of the video VAE",
     "recon/mel_distance": "log-mel L1 between the audio VAE + vocoder's waveform and the input",
     "recon/si_sdr_db": "scale-invariant SDR (dB) of that waveform",

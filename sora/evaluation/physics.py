@@ -29,6 +29,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from sora.data.world import PALETTE, SIZES, WorldConfig
+from sora.evaluation.checks import colour_match, gravity_ok, impact_sync, is_tracked, match_times
 from sora.evaluation.sync import onset_times
 
 NAN = float("nan")
@@ -228,16 +229,6 @@ def _robust_cv(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - med)) / abs(med)) if med else NAN
 
 
-def _match(found: np.ndarray, truth: np.ndarray, tol: float) -> np.ndarray:
-    """One-to-one pairs ``[M, 2]`` (found index, truth index) of times within ``tol``."""
-    if found.size == 0 or truth.size == 0:
-        return np.zeros((0, 2), dtype=int)
-    cost = np.abs(found[:, None] - truth[None, :])
-    rows, cols = linear_sum_assignment(np.where(cost <= tol, cost, 1e6))
-    ok = cost[rows, cols] <= tol
-    return np.stack([rows[ok], cols[ok]], 1)
-
-
 def compare_ground_truth(result: PhysicsResult, meta: dict, fps: float, config: WorldConfig) -> dict:
     """Scores against a world clip's ``meta`` (trajectory, balls, impacts).
 
@@ -262,8 +253,8 @@ def compare_ground_truth(result: PhysicsResult, meta: dict, fps: float, config: 
     frame = [int(imp["time"] * fps) for imp in heard]
     seen = np.array([not hidden[imp["ball"], max(f - 1, 0):f + 3].any() for imp, f in zip(heard, frame)], bool)
     t_found = np.array([imp["time"] for imp in result.impacts])
-    pairs = _match(t_found, t_true, 1.0 / fps)
-    real = len(_match(t_found, np.array([imp["time"] for imp in meta["impacts"]]), 1.0 / fps))
+    pairs = match_times(t_found, t_true, 1.0 / fps)
+    real = len(match_times(t_found, np.array([imp["time"] for imp in meta["impacts"]]), 1.0 / fps))
     errors = np.concatenate(errors)
     return {"tracked_fraction": float(tracked.mean()), "position_error_px": _mean(errors),
             "impacts_true": len(t_true), "impacts_visible": int(seen.sum()), "impacts_found": len(t_found),
@@ -340,7 +331,7 @@ def probe_clip(frames: np.ndarray, audio: np.ndarray, fps: float, sample_rate: i
 
 
 def probe_batch(clips, fps: float, sample_rate: int, world_config: WorldConfig, ground_truths=None,
-                prefix: str = "physics/") -> dict:
+                prefix: str = "physics/", captions=None) -> dict:
     """Probe many clips into one flat dict of numbers (for metrics.json), keys ``prefix + name``.
 
     ``clips``: iterable of ``(frames, audio)``; ``ground_truths``: the world ``meta`` of each,
@@ -348,6 +339,9 @@ def probe_batch(clips, fps: float, sample_rate: int, world_config: WorldConfig, 
     onsets); gravity_mean / _median / _std are over the clips' joint fits (m/s^2),
     gravity_rel_error is the median's (one wild clip does not swamp it), gravity_cv the robust
     spread of all runs' fits pooled; tracked_fraction and position_error_px average the clips.
+    Per-clip checks (:mod:`sora.evaluation.checks`), as counts of clips: clips_tracked,
+    clips_in_sync, clips_gravity_ok; with ``captions`` (one per clip) clips_colour_match out of
+    clips_naming_colour.
     """
     results = [probe_clip(frames, audio, fps, sample_rate, world_config,
                           None if ground_truths is None else ground_truths[i])
@@ -355,6 +349,14 @@ def probe_batch(clips, fps: float, sample_rate: int, world_config: WorldConfig, 
     if not results:
         raise ValueError("probe_batch: no clips")
     m = [r.metrics for r in results]
+    sync = [impact_sync([i["time"] for i in r.impacts], r.onsets, fps) for r in results]
+    checks = {"clips_tracked": sum(is_tracked(r.tracks) for r in results),
+              "clips_in_sync": sum(s["ok"] for s in sync), "sync_f1_mean": _mean([s["f1"] for s in sync]),
+              "clips_gravity_ok": sum(gravity_ok(x["gravity"], world_config.gravity) for x in m)}
+    if captions is not None:
+        colour = [colour_match(c, r.track_colors, world_config.colors) for c, r in zip(captions, results)]
+        checks.update(clips_colour_match=sum(c is True for c in colour),
+                      clips_naming_colour=sum(c is not None for c in colour))
     g = np.array([x["gravity"] for x in m])
     g = g[np.isfinite(g)]
     rest = np.array([i["restitution"] for r in results for i in r.impacts if i["restitution"] is not None])
@@ -366,7 +368,8 @@ def probe_batch(clips, fps: float, sample_rate: int, world_config: WorldConfig, 
            "gravity_cv": _robust_cv(np.concatenate([r.gravity_segments for r in results])),
            "restitution_mean": _mean(rest), "energy_gain_fraction": _mean(rest > 1),
            "impacts_per_clip": _mean([x["impacts"] for x in m]),
-           **_sync_metrics(np.concatenate([r.sync_errors_ms for r in results]), sum(x["onsets"] for x in m), fps)}
+           **_sync_metrics(np.concatenate([r.sync_errors_ms for r in results]), sum(x["onsets"] for x in m), fps),
+           **checks}
     if ground_truths is not None:
         total = {k: sum(x[k] for x in m) for k in ("impacts_true", "impacts_found", "impacts_matched",
                                                     "impacts_visible", "impacts_matched_visible", "impacts_real")}

@@ -34,6 +34,17 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     return (10.0 * torch.log10(data_range**2 / mse)).float()
 
 
+def trivial_psnr(x: torch.Tensor, mean_frame: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """PSNR ``[B]`` of the two reconstructions that know nothing of motion, for video ``[B, 3, T, H, W]``
+    in [-1, 1]: ``still``, each clip's temporal median frame shown for every frame; ``mean_frame``,
+    one frame ``[3, H, W]`` for every clip (default: the mean over the batch's clips and frames).
+    A video autoencoder whose PSNR is not above both has learnt the background, not the clips."""
+    x = _tensor(x)
+    still = x.median(dim=2, keepdim=True).values.expand_as(x)
+    mean_frame = x.mean(dim=(0, 2)) if mean_frame is None else _tensor(mean_frame)
+    return {"still": psnr(still, x), "mean_frame": psnr(mean_frame[None, :, None].expand_as(x), x)}
+
+
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Normalised 1D Gaussian ``[size]`` (float64), centred on the middle tap."""
     t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2

@@ -45,6 +45,16 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight
 
 
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """``"rms"``: :class:`RMSNorm`; ``"none"``: identity. Without centring, an RMS norm lets a large
+    constant (the learnt background) set every position's scale, which squashes what the latent
+    adds: on the 32x32 quickstart world a decoder with it learnt the mean frame for 1000 steps,
+    without it the balls (experiments/quickstart/README.md)."""
+    if kind not in ("rms", "none"):
+        raise ValueError(f"norm={kind!r}: choose rms or none")
+    return RMSNorm(channels) if kind == "rms" else nn.Identity()
+
+
 class CausalConv3d(nn.Module):
     """3D conv padded only on the past side in time (frame 0 replicated), 'same' in space.
 
@@ -68,10 +78,10 @@ class CausalConv3d(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, norm: str = "rms"):
         super().__init__()
-        self.norm1, self.conv1 = RMSNorm(cin), CausalConv3d(cin, cout, 3)
-        self.norm2, self.conv2 = RMSNorm(cout), CausalConv3d(cout, cout, 3)
+        self.norm1, self.conv1 = make_norm(norm, cin), CausalConv3d(cin, cout, 3)
+        self.norm2, self.conv2 = make_norm(norm, cout), CausalConv3d(cout, cout, 3)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
@@ -91,52 +101,105 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
 
 
+class TimeFold(nn.Module):
+    """Causal 4x time compression inside the network: every ``stride`` frames of features fold into
+    channels, then a 1x1 conv. With ``first`` the past is padded with copies of frame 0, so latent 0
+    stands for frame 0 alone (as the stem does when it folds time itself)."""
+
+    def __init__(self, ch: int, stride: int):
+        super().__init__()
+        self.stride, self.proj = stride, nn.Conv3d(ch * stride, ch, 1)
+
+    def forward(self, x, first: bool):
+        if first:
+            x = torch.cat([x[:, :, :1].expand(-1, -1, self.stride - 1, -1, -1), x], dim=2)
+        return self.proj(rearrange(x, "b c (t s) h w -> b (c s) t h w", s=self.stride))
+
+
+class TimeUnfold(nn.Module):
+    """The decoder's mirror of :class:`TimeFold`: a 1x1 conv to ``stride`` frames of features per
+    latent step; with ``first`` the padding frames before frame 0 are dropped."""
+
+    def __init__(self, ch: int, stride: int):
+        super().__init__()
+        self.stride, self.proj = stride, nn.Conv3d(ch, ch * stride, 1)
+
+    def forward(self, x, first: bool):
+        x = rearrange(self.proj(x), "b (c s) t h w -> b c (t s) h w", s=self.stride)
+        return x[:, :, self.stride - 1:] if first else x
+
+
 class Encoder(nn.Module):
-    def __init__(self, latent_channels, base_channels, channel_mult, num_res_blocks, spatial_patch, temporal_stride):
+    """Stem (space patches; time too when ``time_fold == 0``), residual blocks with a spatial 2x down
+    between levels; with ``time_fold = k > 0`` the first k levels run per frame and time folds into
+    channels (:class:`TimeFold`) where level k starts."""
+
+    def __init__(self, latent_channels, base_channels, channel_mult, num_res_blocks, spatial_patch, temporal_stride,
+                 time_fold=0, norm="rms"):
         super().__init__()
         self.pt, self.ps = temporal_stride, spatial_patch
         chans = [base_channels * m for m in channel_mult]
-        self.stem = nn.Conv3d(3 * temporal_stride * spatial_patch**2, chans[0], 1)
-        blocks, ch = [], chans[0]
+        stem_t = temporal_stride if time_fold == 0 else 1
+        self.stem_t, self.stem = stem_t, nn.Conv3d(3 * stem_t * spatial_patch**2, chans[0], 1)
+        levels, ch = [[]], chans[0]  # levels[0]: per frame (before the fold); levels[1]: per latent step
         for i, c in enumerate(chans):
+            if i == time_fold and i > 0:
+                self.fold = TimeFold(ch, temporal_stride)
+                levels.append([])
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, c))
+                levels[-1].append(ResBlock(ch, c, norm))
                 ch = c
             if i < len(chans) - 1:  # spatial 2x down
-                blocks.append(CausalConv3d(ch, ch, 3, stride=(1, 2, 2)))
-        blocks.append(ResBlock(ch, ch))  # middle
-        self.blocks = nn.Sequential(*blocks)
-        self.norm_out, self.conv_out = RMSNorm(ch), CausalConv3d(ch, 2 * latent_channels, 3)
+                levels[-1].append(CausalConv3d(ch, ch, 3, stride=(1, 2, 2)))
+        levels[-1].append(ResBlock(ch, ch, norm))  # middle
+        self.frame_blocks = nn.Sequential(*levels[0]) if len(levels) == 2 else None
+        self.blocks = nn.Sequential(*levels[-1])
+        self.norm_out, self.conv_out = make_norm(norm, ch), CausalConv3d(ch, 2 * latent_channels, 3)
 
     def forward(self, x, first: bool = True):
-        if first:  # frame 0 alone: pad the past with copies of it to fill the first group
-            x = torch.cat([x[:, :, :1].expand(-1, -1, self.pt - 1, -1, -1), x], dim=2)
-        x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=self.pt, ph=self.ps, pw=self.ps)
-        x = self.blocks(self.stem(x))
+        if first and self.stem_t > 1:  # frame 0 alone: pad the past with copies of it to fill the first group
+            x = torch.cat([x[:, :, :1].expand(-1, -1, self.stem_t - 1, -1, -1), x], dim=2)
+        x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=self.stem_t, ph=self.ps, pw=self.ps)
+        x = self.stem(x)
+        if self.frame_blocks is not None:
+            x = self.fold(self.frame_blocks(x), first)
+        x = self.blocks(x)
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Decoder(nn.Module):
-    def __init__(self, latent_channels, base_channels, channel_mult, num_res_blocks, spatial_patch, temporal_stride):
+    """Mirror of :class:`Encoder`: with ``time_fold = k > 0`` time unfolds (:class:`TimeUnfold`) before the
+    last k levels, which run per frame, and the output conv writes space patches only."""
+
+    def __init__(self, latent_channels, base_channels, channel_mult, num_res_blocks, spatial_patch, temporal_stride,
+                 time_fold=0, norm="rms"):
         super().__init__()
         self.pt, self.ps = temporal_stride, spatial_patch
         chans = [base_channels * m for m in channel_mult]
         ch = chans[-1]
         self.conv_in = CausalConv3d(latent_channels, ch, 3)
-        blocks = [ResBlock(ch, ch)]  # middle
+        levels = [[ResBlock(ch, ch, norm)]]  # middle; levels[1] (with a fold): per frame
         for i, c in reversed(list(enumerate(chans))):
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, c))
+                levels[-1].append(ResBlock(ch, c, norm))
                 ch = c
             if i > 0:
-                blocks.append(Upsample(ch))
-        self.blocks = nn.Sequential(*blocks)
-        self.norm_out, self.conv_out = RMSNorm(ch), nn.Conv3d(ch, 3 * temporal_stride * spatial_patch**2, 1)
+                levels[-1].append(Upsample(ch))
+                if i == time_fold:
+                    self.unfold = TimeUnfold(ch, temporal_stride)
+                    levels.append([])
+        self.blocks = nn.Sequential(*levels[0])
+        self.frame_blocks = nn.Sequential(*levels[1]) if len(levels) == 2 else None
+        self.out_t = temporal_stride if time_fold == 0 else 1
+        self.norm_out, self.conv_out = make_norm(norm, ch), nn.Conv3d(ch, 3 * self.out_t * spatial_patch**2, 1)
 
     def forward(self, z, first: bool = True):
-        x = self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z)))))
-        x = rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)", pt=self.pt, ph=self.ps, pw=self.ps)
-        return x[:, :, self.pt - 1:] if first else x  # latent 0 stands for frame 0 alone
+        x = self.blocks(self.conv_in(z))
+        if self.frame_blocks is not None:
+            x = self.frame_blocks(self.unfold(x, first))
+        x = self.conv_out(F.silu(self.norm_out(x)))
+        x = rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)", pt=self.out_t, ph=self.ps, pw=self.ps)
+        return x[:, :, self.out_t - 1:] if first else x  # latent 0 stands for frame 0 alone
 
 
 class VideoVAE(nn.Module):
@@ -144,16 +207,19 @@ class VideoVAE(nn.Module):
 
     def __init__(self, latent_channels: int = 16, base_channels: int = 64, channel_mult=(1, 2, 4),
                  num_res_blocks: int = 1, spatial_patch: int = 2, temporal_stride: int = 4,
-                 spatial_stride: int = 8):
+                 spatial_stride: int = 8, time_fold: int = 0, norm: str = "rms"):
         super().__init__()
         channel_mult = tuple(channel_mult)
+        if not 0 <= time_fold < len(channel_mult):
+            raise ValueError(f"time_fold={time_fold}: the level where time folds must be in 0..{len(channel_mult) - 1}")
         if spatial_patch * 2 ** (len(channel_mult) - 1) != spatial_stride:
             raise ValueError(
                 f"spatial_patch={spatial_patch} * 2**(len(channel_mult)-1)={2 ** (len(channel_mult) - 1)} "
                 f"must equal spatial_stride={spatial_stride}")
         self.latent_channels, self.temporal_stride = latent_channels, temporal_stride
         self.spatial_stride = spatial_stride
-        args = (latent_channels, base_channels, channel_mult, num_res_blocks, spatial_patch, temporal_stride)
+        args = (latent_channels, base_channels, channel_mult, num_res_blocks, spatial_patch, temporal_stride, time_fold,
+                norm)
         self.encoder, self.decoder = Encoder(*args), Decoder(*args)
         self.apply(self._init_weights)
         for m in self.modules():  # residual branches start at zero: every block is the identity at init
@@ -262,20 +328,24 @@ class VideoVAE(nn.Module):
     # -- loss -----------------------------------------------------------------------------
     @staticmethod
     def loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float = 1e-6,
-             perceptual: nn.Module | None = None, perceptual_weight: float = 1.0, perceptual_frames: int = 4,
+             motion_weight: float = 0.0, perceptual: nn.Module | None = None, perceptual_weight: float = 1.0, perceptual_frames: int = 4,
              discriminator: nn.Module | None = None, gan_weight: float = 0.1, step: int = 0,
              gan_start_step: int = 0, last_layer: torch.Tensor | None = None) -> dict:
         """dict(loss, l1, kl[, perceptual][, gan]).
 
-        l1 = mean |x - recon|; kl = posterior.kl().mean() (summed over latent elements, mean over
-        the batch); loss = l1 + kl_weight * kl (+ perceptual_weight * perceptual on up to
+        l1 = mean |x - recon|, weighted per pixel by :func:`pixel_weights` when ``motion_weight`` > 0
+        (L1 alone seeks each pixel's median, which for small moving things on a still background is
+        the background); kl = posterior.kl().mean() (summed over latent elements, mean over the batch);
+        loss = l1 + kl_weight * kl (+ perceptual_weight * perceptual on up to
         ``perceptual_frames`` evenly spaced frames) (+ gan_weight * hinge generator loss once
         ``step >= gan_start_step``). The discriminator's own loss is :func:`hinge_d_loss`.
         ``last_layer`` (the decoder's output weight): the GAN term is scaled by
         :func:`adaptive_weight` too (logged as ``gan_scale``), so its gradient there is
         ``gan_weight`` times the reconstruction terms' whatever the discriminator's state.
         """
-        out = dict(l1=(x - recon).abs().mean(), kl=posterior.kl().mean())
+        err = (x - recon).abs()
+        w = pixel_weights(x, motion_weight) if motion_weight else None
+        out = dict(l1=err.mean() if w is None else (err * w).mean() / w.mean(), kl=posterior.kl().mean())
         loss = out["l1"] + kl_weight * out["kl"]
         if perceptual is not None:
             t = x.shape[2]
@@ -292,6 +362,13 @@ class VideoVAE(nn.Module):
                 loss = loss + gan_weight * out["gan"]
         out["loss"] = loss
         return out
+
+
+def pixel_weights(x: torch.Tensor, motion_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights ``[B, 1, T, H, W]``: ``1 + motion_weight * |x - median_t x|`` (largest over
+    channels), i.e. pixels that differ from the clip's still background (moving things) count more."""
+    still = x.median(dim=2, keepdim=True).values
+    return 1 + motion_weight * (x - still).abs().amax(dim=1, keepdim=True).detach()
 
 
 def _ramp(n: int, ramp: int, device) -> torch.Tensor:

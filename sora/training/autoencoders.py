@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from sora.evaluation.recon import psnr
+from sora.evaluation.recon import psnr, trivial_psnr
 from sora.models.audio_vae import (AudioVAE, MultiPeriodDiscriminator, Vocoder, discriminator_loss,
                                    feature_matching_loss, generator_adversarial_loss, mel_loss)
 from sora.models.perceptual import LPIPS
@@ -72,7 +72,8 @@ class _Stage(L.LightningModule):
 
 
 class VideoVAEModule(_Stage):
-    """Trains :class:`VideoVAE` with L1 + ``kl_weight`` * KL (``VideoVAE.loss``), optionally
+    """Trains :class:`VideoVAE` with L1 (pixels weighted by motion when ``motion_weight`` > 0) + ``kl_weight``
+    * KL (``VideoVAE.loss``), optionally
     + ``perceptual_weight`` * LPIPS (weights from the local file ``perceptual_weights``) and
     + ``gan_weight`` * hinge generator loss of a :class:`PatchDiscriminator3D` from
     ``gan_start_step`` on (its own hinge loss logged as ``train/disc``), scaled by VQGAN's
@@ -81,7 +82,8 @@ class VideoVAEModule(_Stage):
     ``chunk``: encode/decode in causal chunks of that many latent steps (memory bound, exact).
     """
 
-    def __init__(self, vae: VideoVAE, lr: float = 1e-4, kl_weight: float = 1e-6, warmup_steps: int = 100,
+    def __init__(self, vae: VideoVAE, lr: float = 1e-4, kl_weight: float = 1e-6, motion_weight: float = 0.0,
+                 warmup_steps: int = 100,
                  total_steps: int | None = None, schedule: str = "cosine", min_lr_ratio: float = 0.1,
                  weight_decay: float = 0.0, betas=(0.9, 0.99), sample_posterior: bool = True,
                  chunk: int | None = None, discriminator: PatchDiscriminator3D | None = None,
@@ -90,7 +92,7 @@ class VideoVAEModule(_Stage):
                  perceptual_frames: int = 4):
         super().__init__(lr, weight_decay, betas, warmup_steps, total_steps, schedule, min_lr_ratio,
                          discriminator, disc_lr, gan_start_step)
-        self.vae, self.kl_weight = vae, kl_weight
+        self.vae, self.kl_weight, self.motion_weight = vae, kl_weight, motion_weight
         self.sample_posterior, self.chunk = sample_posterior, chunk
         self.gan_weight, self.gan_adaptive = gan_weight, gan_adaptive
         self.perceptual = LPIPS.from_file(perceptual_weights) if perceptual_weights else None
@@ -112,7 +114,8 @@ class VideoVAEModule(_Stage):
         x = batch.video
         recon, posterior = self.vae(x, sample=self.sample_posterior, chunk=self.chunk)
         gan = self.gan_on
-        terms = VideoVAE.loss(x, recon, posterior, kl_weight=self.kl_weight, perceptual=self.perceptual,
+        terms = VideoVAE.loss(x, recon, posterior, kl_weight=self.kl_weight, motion_weight=self.motion_weight,
+                              perceptual=self.perceptual,
                               perceptual_weight=self.perceptual_weight, perceptual_frames=self.perceptual_frames,
                               discriminator=frozen(self.discriminator) if gan else None, gan_weight=self.gan_weight,
                               last_layer=self.vae.decoder.conv_out.weight if self.gan_adaptive else None)
@@ -128,6 +131,8 @@ class VideoVAEModule(_Stage):
         kl = VideoVAE.loss(x, recon, posterior)["kl"]  # the training term's definition
         self.log_dict({"val/psnr": psnr(recon, x).mean(), "val/l1": (recon - x).abs().mean(), "val/kl": kl},
                       batch_size=len(batch), prog_bar=True)
+        trivial = trivial_psnr(x)  # the baselines any PSNR must beat: a still frame per clip, the mean frame
+        self.log_dict({f"val/psnr_{k}": v.mean() for k, v in trivial.items()}, batch_size=len(batch))
 
 
 def mono(audio: torch.Tensor) -> torch.Tensor:
