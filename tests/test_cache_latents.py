@@ -17,10 +17,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from sora.cli.train import CONFIGS, build
 from sora.data.latents import LatentBatch, LatentClipStream, StaleLatentCache
 from tools import cache_latents
+from tests.conftest import SMALL_DIT
 
 REPO = Path(__file__).resolve().parents[1]
 # the tiny quickstart DiT on random frozen VAEs, 8 world clips, in order, in the main process
-TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null",
+TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", *SMALL_DIT,
         "data.train.clips=8", "data.num_workers=0"]
 FROZEN_TEXT = [*TINY, "model.train_text_encoder=false"]
 TRAIN = ["++data.train.shuffle=false", "trainer.max_steps=2", "trainer.num_sanity_val_steps=0",

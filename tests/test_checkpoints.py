@@ -22,6 +22,7 @@ from sora.cli.train import resolve_ckpt
 from sora.training import checkpoint_io
 from sora.training.checkpoint_io import CheckpointError, atomic_folder, check_dcp_metadata, problem, safe_loading
 from sora.training.strategies import AtomicCheckpointIO, use_atomic_checkpoints
+from tests.conftest import SMALL_DIT
 
 DIT = {"model": {"_target_": "sora.training.dit.DiTModule"}}
 
@@ -249,7 +250,7 @@ def run_train(run_dir: pathlib.Path, *overrides: str) -> dict:
 
     from sora.cli.train import CONFIGS, train
 
-    tiny = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null",
+    tiny = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", *SMALL_DIT,
             "data.num_workers=0", "data.train.batch_size=2", "trainer.val_check_interval=1000",
             "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.samples=null",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]

@@ -31,18 +31,18 @@ def test_good_configs_pass():
 
 
 def test_frame_sizes_must_divide_by_the_vae_stride_times_the_patch():
-    text = error(*DIT, "data.train.world.width=40")
-    assert text.startswith("data.train.world.height/width: frames 32x40 are not divisible by 16")
-    assert "model.video_vae.spatial_stride=8 x model.dit.patch_size=2" in text and "use e.g. 32x32" in text
-    assert error("experiment=quickstart/video_vae", "data.val.world={height: 36, width: 32}").startswith(
-        "data.val.world.height/width: frames 36x32 are not divisible by 8 (model.vae.spatial_stride=8)")
-    text = error(*DIT, "data.train.buckets={area: 1024, ratios: ['1:1', '2:1'], multiple: 8}")
-    assert text.startswith("data.train.buckets.multiple: frames") and "buckets.multiple=16" in text
+    text = error(*DIT, "data.train.world.width=36")
+    assert text.startswith("data.train.world.height/width: frames 32x36 are not divisible by 8")
+    assert "model.video_vae.spatial_stride=4 x model.dit.patch_size=2" in text and "use e.g. 32x32" in text
+    assert error("experiment=quickstart/video_vae", "data.val.world={height: 34, width: 32}").startswith(
+        "data.val.world.height/width: frames 34x32 are not divisible by 4 (model.vae.spatial_stride=4)")
+    text = error(*DIT, "data.train.buckets={area: 1024, ratios: ['1:1', '2:1'], multiple: 4}")
+    assert text.startswith("data.train.buckets.multiple: frames") and "buckets.multiple=8" in text
     check(config("experiment=quickstart/audio_vae", "data.train.world.width=40"))  # no video model: no constraint
 
 
 def test_heads_must_divide_the_width_and_split_over_sequence_parallel_ranks():
-    assert error(*DIT, "model.dit.heads=3") == (
+    assert error(*DIT, "model.dit.dim=64", "model.dit.heads=3") == (
         "model.dit.heads=3: model.dit.dim=64 does not split into 3 heads; use one of "
         "[1, 2, 4, 8, 16, 32, 64] or change model.dit.dim")
     assert error(*DIT, "model.sequence_parallel=3").startswith(

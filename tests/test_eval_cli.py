@@ -18,8 +18,8 @@ from sora.media import write_av
 from sora.timeline import Timeline
 from tests.conftest import run_cli
 
-TL = Timeline(seconds=1.0, fps=8, sample_rate=16000)  # the quickstart DiT's contract
-SAMPLES_TL = ["timeline.seconds=1", "timeline.fps=8"]
+TL = Timeline(seconds=1.0, fps=16, sample_rate=16000)  # 1 s windows of the demo's held-out clips (2 s, 16 fps)
+SAMPLES_TL = ["timeline.seconds=1", "timeline.fps=16"]
 
 
 def _eval(*args, cache):
@@ -36,7 +36,7 @@ def _write(clips, folder, shift_s: float = 0.0):
     for i, c in enumerate(clips):
         n = int(round(shift_s * TL.sample_rate))
         audio = np.concatenate([np.zeros(n, np.float32), c.audio[: len(c.audio) - n]]) if n else c.audio
-        write_av(folder / f"{i:03d}.mp4", c.frames, audio[None], fps=8, sample_rate=TL.sample_rate)
+        write_av(folder / f"{i:03d}.mp4", c.frames, audio[None], fps=TL.fps, sample_rate=TL.sample_rate)
     return folder
 
 
@@ -52,7 +52,7 @@ def test_samples_mode_known_answers_and_cache(demo, tmp_path):
     m, real = result["metrics"], result["baselines"]["real"]
     assert m["fd_mel"] < 0.2 * real["fd_mel"], (m["fd_mel"], real["fd_mel"])  # mp4/AAC round trip only
     assert abs(m["sync/offset_ms_mean"]) < 1000 / 8 and m["sync/clips"] == 3
-    assert result["protocol"]["frames"] == 9 and result["protocol"]["size"] == [32, 32]
+    assert result["protocol"]["frames"] == 17 and result["protocol"]["size"] == [32, 32]
     assert result["protocol"]["reference_features"].startswith("computed")
     assert "sora-eval: samples=" in same.stdout and (tmp_path / "a" / "report.md").is_file()
     assert (tmp_path / "a" / "evaluated.png").read_bytes()[:4] == b"\x89PNG"

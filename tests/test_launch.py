@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
+from tests.conftest import SMALL_DIT
 
-TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null",
+TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", *SMALL_DIT,
         "model.dit.dim=32", "model.dit.depth=1", "trainer.max_steps=2", "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1", "data.num_workers=0", "data.train.batch_size=2", "data.val.batch_size=2",
         "callbacks.samples=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

@@ -9,6 +9,7 @@ import torch
 from sora.models import attention as A
 from sora.models.dit import AVDiT
 from sora.timeline import Timeline
+from tests.conftest import SMALL_DIT
 
 CV, CA, TEXT_DIM, LT = 16, 8, 24, 7
 # three samples: (seconds, video latent h x w, real text tokens); 25 fps, VAE time stride 6
@@ -199,7 +200,7 @@ def dit_module():
 
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=quickstart/dit", "model.video_vae_ckpt=null",
-                                          "model.audio_vae_ckpt=null"])
+                                          "model.audio_vae_ckpt=null", *SMALL_DIT])
     module = instantiate(cfg.model)
     with torch.no_grad():  # perturb the zero-initialised gates and final layers
         for name, p in module.dit.named_parameters():
@@ -244,9 +245,9 @@ def test_packed_losses_equal_dense_losses(dit_module):
     torch.testing.assert_close(one["loss"], dense[0]["loss"], atol=1e-5, rtol=1e-5)
 
 
-PACK_OVERRIDES = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null",
+PACK_OVERRIDES = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", *SMALL_DIT,
                   "data.train.buckets={area:1536,ratios:['3:2','2:3','1:1'],multiple:16}",
-                  "data.train.pack={max_tokens:160}", "data.num_workers=0"]
+                  "data.train.pack={max_tokens:320,patch:8}", "data.num_workers=0"]
 
 
 def test_two_packed_training_steps_through_the_cli(tmp_path):
@@ -279,7 +280,7 @@ def test_two_packed_training_steps_through_the_cli(tmp_path):
     costs = stream.packer.costs
     assert [float(r["train/pack_samples"]) for r in rows] == [len(items) for _, items in plan]
     assert [float(r["train/pack_tokens"]) for r in rows] == [sum(costs[b] for b in bs) for bs, _ in plan]
-    assert all(float(r["train/pack_tokens"]) <= 160 for r in rows)
+    assert all(float(r["train/pack_tokens"]) <= 320 for r in rows)
     assert any(len(set(bs)) > 1 for bs, _ in plan)  # mixed buckets in one step
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["ranks"][0]["dataset_state"]

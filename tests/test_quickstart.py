@@ -80,17 +80,19 @@ def test_demo_runs_end_to_end(demo):
         assert (run / stage / "checkpoints" / "last.ckpt").is_file()
         assert f"[{stage}] 3 steps in" in out
     assert f"model.video_vae_ckpt={run / 'video_vae' / 'checkpoints' / 'last.ckpt'}" in out
+    assert f"$ python tools/cache_latents.py {run / 'latents'} experiment=quickstart/dit" in out  # the DiT's latents
+    assert "[latents] 16 clips in" in out and f"data.train.urls={run / 'latents' / 'latents-*.tar'}" in out
     assert out.count(f"$ sora-sample ckpt={run / 'dit' / 'checkpoints' / 'last.ckpt'}") == len(prompts)
 
-    from sora.media import probe_av  # 3. samples: both streams, the asked 1 s (9 frames at 8 fps)
+    from sora.media import probe_av  # 3. samples: both streams, the asked 1 s (17 frames at 16 fps)
 
     mp4s = sorted((run / "samples").glob("*.mp4"))
     assert len(mp4s) == len(prompts)
     for mp4 in mp4s:
         info = probe_av(mp4)
-        assert info.has_audio and info.num_frames == 9 and (info.width, info.height) == (32, 32)
-        assert 1.0 - 0.01 <= info.duration <= 1.0 + 1 / 8 + 0.01
-        assert 1.0 - 0.01 <= info.audio_duration <= 1.0 + 1 / 8 + 0.01
+        assert info.has_audio and info.num_frames == 17 and (info.width, info.height) == (32, 32)
+        assert 1.0 - 0.01 <= info.duration <= 1.0 + 1 / 16 + 0.01
+        assert 1.0 - 0.01 <= info.audio_duration <= 1.0 + 1 / 16 + 0.01
 
     report = (run / "report.md").read_text()  # 4. the report, its pictures and links
     for png in ("preview.png", "plots/video_vae.png", "plots/audio_vae.png", "plots/dit.png", "plots/samples.png"):
@@ -102,13 +104,24 @@ def test_demo_runs_end_to_end(demo):
         assert text in report, text
     assert "[report]" in out
     results = json.loads((run / "report.json").read_text())
-    assert [s["name"] for s in results["stages"]] == ["video_vae", "audio_vae", "dit"]
+    assert [s["name"] for s in results["stages"]] == ["video_vae", "audio_vae", "latents", "dit"]
 
-    evaluation = results["evaluation"]  # 5. sora-eval of the DiT on held-out world clips
+    # 5. sora-eval on held-out world clips: both autoencoders' reconstructions, the DiT's samples
+    evaluations = {e["name"]: e for e in results["evaluations"]}
+    assert set(evaluations) == {"video_vae", "audio_vae", "dit"}
     assert f"$ sora-eval ckpt={run / 'dit' / 'checkpoints' / 'last.ckpt'} data={run / 'heldout'}" in out
-    assert "[eval] 3 samples" in out
-    assert evaluation["protocol"]["references"] == 3 and evaluation["protocol"]["frames"] == 9
+    assert "[eval dit] 3 clips" in out and "[eval video_vae] 3 clips" in out
+    dit = evaluations["dit"]
+    assert dit["protocol"]["references"] == 3 and dit["protocol"]["frames"] == 33
     assert len(list((run / "eval" / "samples").glob("*.mp4"))) == 3
-    for key in ("fd_mel", "val/loss", "sync/clips"):
-        assert key in evaluation["metrics"], key
-    assert "## Evaluation" in report and "(eval/report.md)" in report
+    for key in ("fd_mel", "val/loss", "sync/clips", "physics/clips_tracked", "physics/clips_colour_match"):
+        assert key in dit["metrics"], key
+    assert "recon/psnr_still" in evaluations["video_vae"]["metrics"]
+    assert "## Evaluation: dit" in report and "(eval/report.md)" in report and "(eval/side_by_side.png)" in report
+
+    # 6. the targets table: each row measured beside real clips, judged against the demo's targets
+    rows = {r["key"]: r for r in results["targets"]}
+    assert {"recon_tracked", "tracked", "in_sync", "colour_match"} <= set(rows)
+    assert rows["tracked"]["target"] == "≥ 6/8" and rows["tracked"]["measured"].endswith("/3")
+    assert rows["in_sync"]["shuffled"].endswith("/3") and rows["gravity_ok"]["met"] is None
+    assert "## Targets" in report and ("**met**" in report or "**not met**" in report)

@@ -19,6 +19,7 @@ from sora.cli.sample import load_module
 from sora.data.pipeline import ClipBatch
 from sora.media import probe_av, read_av
 from sora.training.sampling import from_uint8, generate
+from tests.conftest import SMALL_DIT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def dit_ckpt(tmp_path_factory):
     """A checkpoint as sora-train writes it for the quickstart DiT (random VAEs, one measured batch)."""
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=quickstart/dit", "model.video_vae_ckpt=null",
-                                          "model.audio_vae_ckpt=null"])
+                                          "model.audio_vae_ckpt=null", *SMALL_DIT])
     with open_dict(cfg):  # the parts that need a Hydra run (${hydra:...}); sample reads timeline/data/model
         for key in ("trainer", "callbacks", "logger"):
             del cfg[key]

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 
 from sora.models.dit import AVDiT
 from sora.training.sequence_parallel import (apply_sequence_parallel, check_sequence_parallel, data_parallel_rank,
+from tests.conftest import SMALL_DIT
                                              sequence_parallel_size, shard)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def test_head_divisibility_is_checked_with_the_key_and_the_fix():
 def _model_cfg(*overrides):
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=quickstart/dit", "model.video_vae_ckpt=null",
-                                          "model.audio_vae_ckpt=null", *overrides])
+                                          "model.audio_vae_ckpt=null", *SMALL_DIT, *overrides])
     return cfg.model
 
 

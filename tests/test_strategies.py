@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from sora.training.export import checkpoint_kind, read_export, read_training_checkpoint
+from tests.conftest import SMALL_DIT
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", "data.num_workers=0",
+TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", *SMALL_DIT, "data.num_workers=0",
         "data.train.batch_size=2", "data.val.batch_size=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
         "trainer.limit_val_batches=1", "callbacks.model_checkpoint.every_n_train_steps=1", "model.warmup_steps=0",
         "callbacks.ema.warmup=false", "callbacks.ema.decay=0.5", "callbacks.samples.every_n_steps=3",

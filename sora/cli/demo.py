@@ -5,13 +5,17 @@
    audio-video sync of the decoded clips against the world's ground-truth impact times;
 2. train the video VAE, the audio VAE + vocoder, then the DiT on their checkpoints
    (``sora-train experiment=quickstart/<stage> hydra.run.dir=DIR/<stage>``, each a subprocess);
+   with ``stages.dit.latents`` the DiT's clips are first encoded once (``tools/cache_latents.py``
+   into ``DIR/latents``) and the DiT trains on them (``data=latents``);
 3. sample the prompts with ``sora-sample`` into ``DIR/samples/*.mp4``;
-4. evaluate the DiT with ``sora-eval`` on held-out world shards (``DIR/heldout``) into ``DIR/eval``;
-5. ``DIR/report.md``: loss plots, a contact sheet of the samples, time and metrics per stage, the
-   evaluation's numbers beside its real-clip baseline, and each stage's command, which is also
-   printed as the stage starts.
+4. ``sora-eval`` on held-out world shards (``DIR/heldout``): the autoencoders' reconstructions
+   (``DIR/eval_<name>``) and the DiT's samples (``DIR/eval``; ``task=v2a`` into ``DIR/eval_v2a``);
+5. ``DIR/report.md``: the ``targets`` table (met or not, beside real and shuffled clips), loss
+   plots, contact sheets (the samples; real and generated side by side), time and metrics per
+   stage, and each stage's command, which is also printed as the stage starts.
 
-``steps=N`` sets every stage's training steps (tests: ``steps=3``); ``stages.<name>.steps`` one.
+``steps=N`` sets every stage's training steps (tests: ``steps=3``); ``stages.<name>.steps`` one;
+``preset=long`` (``make demo-long``) and ``preset=gpu`` are ``configs/preset/*.yaml``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sora.data.pipeline import ClipBatch
-from sora.evaluation.report import contact_sheet, first_last, plot_losses, read_metrics, sample_sheet, write_report
+from sora.evaluation.report import (contact_sheet, first_last, plot_losses, read_metrics, sample_sheet, target_rows,
+                                    write_report)
 from sora.evaluation.sync import match_errors, onset_times
 from sora.media import probe_av, write_av, write_image
 
@@ -124,7 +129,7 @@ def preview(cfg: DictConfig, out: Path) -> dict:
 
 def run_logged(prog: str, module: str, args: list[str], log_path: Path) -> tuple[float, str]:
     """Print the equivalent command, run ``python -m module args`` with its output in ``log_path``."""
-    command = shlex.join([prog, *args])
+    command = f"{prog} {shlex.join(args)}"  # prog may be words: "python tools/cache_latents.py"
     print(f"\n$ {command}", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
@@ -150,6 +155,22 @@ def train_stage(cfg: DictConfig, name: str, out: Path, extra: list[str]) -> dict
     shutil.rmtree(out / name, ignore_errors=True)  # a fresh run: no stale last.ckpt (Lightning would write last-v1)
     seconds, command = run_logged("sora-train", "sora.cli.train", args, out / "logs" / f"{name}.log")
     return {"name": name, "steps": steps, "seconds": seconds, "command": command, "run_dir": out / name}
+
+
+def cache_latents(cfg: DictConfig, out: Path, extra: list[str]) -> tuple[dict, list[str]]:
+    """The DiT's clips encoded once by the frozen VAEs (``tools/cache_latents.py``) into ``DIR/latents``;
+    returns the stage and the overrides that train the DiT on them (``data=latents``)."""
+    stage, cache = cfg.stages.dit, out / "latents"
+    shutil.rmtree(cache, ignore_errors=True)  # the VAEs were just retrained: never reuse old latents
+    args = [str(cache), f"experiment={stage.experiment}", *extra, *cfg.train_overrides, *stage.overrides]
+    seconds, command = run_logged("python tools/cache_latents.py", "tools.cache_latents", args,
+                                  out / "logs" / "latents.log")
+    info = json.loads((cache / "rank-000.json").read_text())
+    print(f"[latents] {info['clips']} clips in {seconds:.1f} s ({info['bytes'] / 1e6:.1f} MB): video "
+          f"{info['latent_shapes']['video']}, audio {info['latent_shapes']['audio']} per clip; {cache}", flush=True)
+    result = {"name": "latents", "steps": f"{info['clips']} clips", "seconds": seconds, "command": command,
+              "metrics": [], "plot": None}
+    return result, ["data=latents", f"data.train.urls={cache / 'latents-*.tar'}"]
 
 
 # (label, CSV key, window) of the numbers the report quotes per stage: start -> end
@@ -182,21 +203,28 @@ def summarize_stage(stage: dict, plots: Path) -> None:
           f"checkpoint {stage['run_dir'] / 'checkpoints' / 'last.ckpt'}", flush=True)
 
 
-def evaluate(cfg: DictConfig, out: Path, ckpt: Path) -> dict:
-    """sora-eval of the DiT on held-out world clips (other seeds than training's) -> its metrics.json."""
+def evaluate(cfg: DictConfig, out: Path, name: str, ckpt: Path, task: str | None = None) -> dict:
+    """sora-eval of a checkpoint on held-out world clips (other seeds than training's) -> its metrics.json.
+    ``task``: the DiT's (t2av -> DIR/eval, others DIR/eval_<task>); None: an autoencoder (DIR/eval_<name>)."""
     e = cfg.eval
     make_world_shards(out / "heldout", e.clips, e.size, e.seconds, e.fps, cfg.timeline.sample_rate, cfg.seed + 1000)
-    args = [f"ckpt={ckpt}", f"data={out / 'heldout'}", f"out={out / 'eval'}", f"num_samples={e.num_samples}",
-            f"steps={e.steps}", f"guidance={e.guidance}", f"seed={cfg.seed}", f"cache_dir={out / 'eval_cache'}"]
+    folder = out / ("eval" if task == "t2av" else f"eval_{task or name}")
+    args = [f"ckpt={ckpt}", f"data={out / 'heldout'}", f"out={folder}", f"num_samples={e.num_samples}",
+            f"seed={cfg.seed}", f"cache_dir={out / 'eval_cache'}", f"seconds={e.seconds}"]
+    if task is not None:
+        args += [f"task={task}", f"steps={e.steps}", f"guidance={e.guidance}"]
     if e.i3d_weights:
         args.append(f"i3d_weights={e.i3d_weights}")
-    seconds, command = run_logged("sora-eval", "sora.cli.eval", args, out / "logs" / "eval.log")
-    result = json.loads((out / "eval" / "metrics.json").read_text())
-    result.update(command=command, wall_seconds=seconds)
-    real = result["baselines"]["real"]
-    shown = ", ".join(f"{k} {v:.4g} (real clips {real[k]:.4g})" for k, v in result["metrics"].items()
-                      if k in ("fvd", "fd_mel", "sync/offset_abs_ms_mean") and k in real)
-    print(f"[eval] {e.num_samples} samples in {seconds:.1f} s: {shown}; {out / 'eval' / 'report.md'}", flush=True)
+    label = name if task in (None, "t2av") else f"{name} {task}"
+    seconds, command = run_logged("sora-eval", "sora.cli.eval", args, out / "logs" / f"eval_{task or name}.log")
+    result = json.loads((folder / "metrics.json").read_text())
+    result.update(name=label, folder=folder, command=command, wall_seconds=seconds)
+    real, m = result["baselines"]["real"], result["metrics"]
+    shown = [f"{k} {m[k]:.4g} (real clips {real[k]:.4g})" for k in ("fvd", "fd_mel") if k in m and k in real]
+    shown += [f"{k.split('/')[1]} {m[k]}/{m['physics/clips']} (real {real[k]}/{real['physics/clips']})"
+              for k in ("physics/clips_tracked", "physics/clips_in_sync") if k in m and k in real]
+    print(f"[eval {label}] {e.num_samples} clips in {seconds:.1f} s: {', '.join(shown)}; {folder / 'report.md'}",
+          flush=True)
     return result
 
 
@@ -239,27 +267,41 @@ def hydra_main(cfg: DictConfig) -> None:
         if name == "dit":
             extra = [f"model.video_vae_ckpt={out / 'video_vae' / 'checkpoints' / 'last.ckpt'}",
                      f"model.audio_vae_ckpt={out / 'audio_vae' / 'checkpoints' / 'last.ckpt'}"]
+            if cfg.stages.dit.get("latents"):
+                stage, data = cache_latents(cfg, out, extra)
+                stages.append(stage)
+                extra += data
         stages.append(train_stage(cfg, name, out, extra))
         summarize_stage(stages[-1], out / "plots")
 
     print("\n== 3/5 sampling", flush=True)
-    samples = sample_prompts(cfg, out, out / "dit" / "checkpoints" / "last.ckpt")
+    dit = out / "dit" / "checkpoints" / "last.ckpt"
+    samples = sample_prompts(cfg, out, dit)
 
     print("\n== 4/5 evaluation", flush=True)
-    evaluation = evaluate(cfg, out, out / "dit" / "checkpoints" / "last.ckpt")
+    evaluations = [evaluate(cfg, out, name, out / name / "checkpoints" / "last.ckpt")
+                   for name in cfg.eval.autoencoders]
+    evaluations += [evaluate(cfg, out, "dit", dit, task) for task in cfg.eval.tasks]
 
     print("\n== 5/5 report", flush=True)
     sheet = out / "plots" / "samples.png"
     write_image(sheet, sample_sheet([s["path"] for s in samples]))
     report = write_report(out / "report.md", preview=summary, stages=stages, samples=samples, sheet=sheet,
-                          total_seconds=time.perf_counter() - t_start, evaluation=evaluation)
+                          total_seconds=time.perf_counter() - t_start, evaluations=evaluations,
+                          targets=OmegaConf.to_container(cfg.targets))
     OmegaConf.save(cfg, out / "demo_config.yaml")
     results = {"preview": summary, "seconds": round(time.perf_counter() - t_start, 1),
                "stages": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in stages],
                "samples": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in samples],
-               "evaluation": evaluation}
+               "evaluations": [{k: (str(v) if isinstance(v, Path) else v) for k, v in e.items()} for e in evaluations],
+               "targets": target_rows(evaluations, OmegaConf.to_container(cfg.targets))}
     (out / "report.json").write_text(json.dumps(results, indent=2))
-    print(f"[report] {report} ({len(stages)} loss plots, {sheet.name}, {len(samples)} samples); "
+    for row in results["targets"]:
+        verdict = {True: "met", False: "NOT met", None: "no target"}[row["met"]]
+        print(f"[target] {row['what']}: {row['measured']} (real clips {row['real']}; target {row['target']}) "
+              f"{verdict}")
+    plots = sum(s.get("plot") is not None for s in stages)
+    print(f"[report] {report} ({plots} loss plots, {sheet.name}, {len(samples)} samples); "
           f"whole quickstart {time.perf_counter() - t_start:.0f} s", flush=True)
 
 

@@ -21,6 +21,10 @@ EXPLAIN = {
     "recon/ssim": "reconstruction SSIM of the video VAE",
     "recon/mel_distance": "log-mel L1 between the audio VAE + vocoder's waveform and the input",
     "recon/si_sdr_db": "scale-invariant SDR (dB) of that waveform",
+    "physics/clips_tracked": "clips where the probe tracks a ball over at least half of the frames",
+    "physics/clips_in_sync": "clips whose visual impacts and sound onsets match one-to-one within a frame (F1 >= 2/3)",
+    "physics/clips_gravity_ok": "clips whose fitted gravity is within 20% of the world's",
+    "physics/clips_colour_match": "clips where every ball colour the caption names is a tracked ball's",
 }
 
 
@@ -75,7 +79,11 @@ def write_eval_report(out: Path, result: dict, clips: list, refs: list) -> Path:
     if clips:
         write_image(out / "evaluated.png", contact_sheet([c.frames for c in clips[:16]], 8, 4))
         write_image(out / "references.png", contact_sheet([c.frames for c in refs[:16]], 8, 4))
-        lines += ["", "## Clips", "", "Evaluated (one row per clip, 8 frames evenly spaced, upscaled 4x):", "",
+        pairs = [frames for r, c in zip(refs[:8], clips[:8]) for frames in (r.frames, c.frames)]
+        write_image(out / "side_by_side.png", contact_sheet(pairs, 8, 4))
+        lines += ["", "## Clips", "", "Each reference (upper) and the evaluated clip for it (lower), in pairs:", "",
+                  "![side by side](side_by_side.png)", "",
+                  "Evaluated (one row per clip, 8 frames evenly spaced, upscaled 4x):", "",
                   "![evaluated](evaluated.png)", "", "References:", "", "![references](references.png)", ""]
         if (out / "samples").is_dir():
             lines += ["Sampled mp4s (with sound): " + ", ".join(

@@ -215,7 +215,8 @@ def av_metrics(clips: list[Clip], fps: float, sample_rate: int, world=None) -> d
     if world is not None:
         from sora.evaluation.physics import probe_batch
 
-        out.update(probe_batch([(c.frames, c.audio) for c in clips], fps, sample_rate, world))
+        out.update(probe_batch([(c.frames, c.audio) for c in clips], fps, sample_rate, world,
+                               captions=[c.caption for c in clips]))
     return out
 
 

@@ -98,17 +98,69 @@ def fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-EVAL_KEYS = ("fvd", "kvd", "fd_mel", "val/loss", "val/loss_video", "val/loss_audio", "sync/offset_abs_ms_mean",
-             "sync/within_frame", "physics/gravity_rel_error", "physics/sync_error_ms_mean",
-             "physics/impacts_per_clip")
+EVAL_KEYS = ("fvd", "kvd", "fd_mel", "recon/psnr", "recon/psnr_still", "recon/psnr_mean_frame", "recon/ssim",
+             "recon/mel_distance", "recon/si_sdr_db", "val/loss", "val/loss_video", "val/loss_audio",
+             "sync/offset_abs_ms_mean", "sync/within_frame", "physics/clips_tracked", "physics/clips_in_sync",
+             "physics/sync_f1_mean", "physics/clips_gravity_ok", "physics/clips_colour_match",
+             "physics/gravity_rel_error", "physics/impacts_per_clip")
+
+# (key in demo.yaml's targets, what is counted, evaluation, metric, its denominator; None: a ratio to the real floor)
+TARGETS = [
+    ("recon_tracked", "video VAE reconstructions: clips where the probe tracks the balls", "video_vae",
+     "physics/clips_tracked", "physics/clips"),
+    ("tracked", "DiT samples (text → video + audio): clips where the probe tracks the balls", "dit",
+     "physics/clips_tracked", "physics/clips"),
+    ("gravity_ok", "samples whose fitted gravity is within 20% of the world's", "dit", "physics/clips_gravity_ok",
+     "physics/clips"),
+    ("in_sync", "samples whose impacts' sounds are within one video frame (F1 ≥ 2/3)", "dit",
+     "physics/clips_in_sync", "physics/clips"),
+    ("v2a_in_sync", "video-to-audio (the held-out clip's picture): impacts' sounds within one frame", "dit v2a",
+     "physics/clips_in_sync", "physics/clips"),
+    ("colour_match", "prompt adherence: every ball colour named in the prompt is a tracked ball's", "dit",
+     "physics/clips_colour_match", "physics/clips_naming_colour"),
+    ("fvd_ratio", "FVD against the real held-out clips' FVD (the floor), same clip count", "dit", "fvd", None),
+]
+
+
+def fraction(text) -> float:
+    """A target "7/8" (or 0.875) as a number."""
+    a, _, b = str(text).partition("/")
+    return float(a) / float(b) if b else float(a)
+
+
+def target_rows(evaluations: list[dict], targets: dict) -> list[dict]:
+    """One row per target whose evaluation ran: measured / real held-out / shuffled, the target, met or not
+    (a null target: measured, not judged). Counts are "k/n" of clips; FVD a ratio to the real clips'."""
+    by_name = {e["name"]: e for e in evaluations}
+    rows = []
+    for key, what, name, metric, total in TARGETS:
+        e, target = by_name.get(name), targets.get(key)
+        if e is None or metric not in e["metrics"]:
+            continue
+        real, shuffled = e["baselines"]["real"], e["baselines"]["shuffled"]
+        if total is None:  # FVD: a ratio to the real clips' (the floor)
+            value = e["metrics"][metric] / real[metric] if real.get(metric) else float("nan")
+            row = {"measured": f"{value:.2f}x", "real": "1x", "shuffled": "–",
+                   "target": "–" if target is None else f"≤ {float(target):g}x",
+                   "met": None if target is None else bool(value <= float(target))}
+        else:
+            count = lambda m: f"{m[metric]}/{m[total]}" if metric in m and total in m else "–"  # noqa: E731
+            n = e["metrics"][total]
+            row = {"measured": count(e["metrics"]), "real": count(real), "shuffled": count(shuffled),
+                   "target": "–" if target is None else f"≥ {target}",
+                   "met": None if target is None else bool(n and e["metrics"][metric] / n >= fraction(target) - 1e-9)}
+        rows.append({"key": key, "what": what, "evaluation": name, **row})
+    return rows
 
 
 def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples: list[dict],
-                 sheet: Path | None, total_seconds: float, evaluation: dict | None = None) -> Path:
-    """report.md: per stage its command, time, plot and start -> end metrics; the samples; the data check;
-    the evaluation (``sora-eval``'s metrics.json plus its ``command``) beside its baselines.
+                 sheet: Path | None, total_seconds: float, evaluations: list[dict] = (),
+                 targets: dict | None = None) -> Path:
+    """report.md: the targets met or not; per stage its command, time, plot and start -> end metrics; the
+    samples; the data check; each evaluation (``sora-eval``'s metrics.json plus its ``name``, ``folder``,
+    ``command``) beside its baselines, with real and generated clips side by side.
 
-    ``stages``: dicts with name, command, seconds, plot (Path), metrics (list of (label, start, end)).
+    ``stages``: dicts with name, command, seconds, plot (Path or None), metrics (list of (label, start, end)).
     ``samples``: dicts with prompt, path, command, seconds, duration, audio_duration.
     """
     path = Path(path)
@@ -118,17 +170,28 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
         return os.path.relpath(p, root)
 
     lines = ["# sora quickstart report", "",
-             f"Whole run: {total_seconds:.0f} s. Every stage below can be re-run alone with its command.", "",
-             "## Data check", "",
-             f"{preview['clips']} world clips decoded through the shard pipeline in {preview['seconds']} s: "
-             f"video {preview['video']}, audio {preview['audio']} at {preview['fps']:g} fps / "
-             f"{preview['sample_rate']} Hz. Audio-video sync of decoded sound onsets against the world's "
-             f"ground-truth impacts: {preview['sync_impacts']} impacts, |error| median "
-             f"{preview['sync_error_ms_median']} ms, max {preview['sync_error_ms_max']} ms "
-             f"(one frame = {1000 / preview['fps']:.1f} ms). [preview.mp4](preview.mp4), "
-             "![preview](preview.png)", "",
-             "## Stages", "",
-             "| stage | steps | time | metric | start | end |", "|---|---|---|---|---|---|"]
+             f"Whole run: {total_seconds:.0f} s. Every stage below can be re-run alone with its command.", ""]
+    rows = target_rows(list(evaluations), targets or {})
+    if rows:
+        mark = {True: "**met**", False: "**not met**", None: "–"}
+        lines += ["## Targets", "",
+                  "Counted by `sora-eval` on held-out world clips (seeds never trained on); *real*: held-out real "
+                  "clips scored the same way, *shuffled*: those clips with each one's sound moved to another.", "",
+                  "| target | measured | real clips | shuffled pairs | target | |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['what']} | {r['measured']} | {r['real']} | {r['shuffled']} | {r['target']} | "
+                         f"{mark[r['met']]} |")
+        lines.append("")
+    lines += ["## Data check", "",
+              f"{preview['clips']} world clips decoded through the shard pipeline in {preview['seconds']} s: "
+              f"video {preview['video']}, audio {preview['audio']} at {preview['fps']:g} fps / "
+              f"{preview['sample_rate']} Hz. Audio-video sync of decoded sound onsets against the world's "
+              f"ground-truth impacts: {preview['sync_impacts']} impacts, |error| median "
+              f"{preview['sync_error_ms_median']} ms, max {preview['sync_error_ms_max']} ms "
+              f"(one frame = {1000 / preview['fps']:.1f} ms). [preview.mp4](preview.mp4), "
+              "![preview](preview.png)", "",
+              "## Stages", "",
+              "| stage | steps | time | metric | start | end |", "|---|---|---|---|---|---|"]
     for stage in stages:
         for i, (label, start, end) in enumerate(stage["metrics"] or [("–", None, None)]):
             head = (f"| {stage['name']} | {stage.get('steps', '–')} | {stage['seconds']:.1f} s" if i == 0
@@ -148,19 +211,21 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
         lines.append(f"| {s['prompt']} | [{Path(s['path']).name}]({rel(s['path'])}) | {s['duration']:.2f} s | "
                      f"{s['audio_duration']:.2f} s | {s['seconds']:.1f} s |")
     lines += ["", "```bash", *[s["command"] for s in samples], "```", ""]
-    if evaluation is not None:
-        m, real, shuffled = evaluation["metrics"], evaluation["baselines"]["real"], evaluation["baselines"]["shuffled"]
-        proto = evaluation["protocol"]
-        lines += ["## Evaluation", "",
+    for e in evaluations:
+        m, real, shuffled = e["metrics"], e["baselines"]["real"], e["baselines"]["shuffled"]
+        proto, folder = e["protocol"], Path(e["folder"])
+        lines += [f"## Evaluation: {e['name']}", "",
                   f"`sora-eval` on {proto['references']} held-out world clips ({proto['frames']} frames "
-                  f"{proto['size'][0]}x{proto['size'][1]} at {proto['fps']:g} fps): "
-                  f"the DiT's samples for their captions against the references, beside real held-out clips "
-                  f"(the floor) and those clips with their sound swapped (sync should break). "
-                  f"Full report: [eval/report.md](eval/report.md).", "",
-                  "| metric | DiT samples | real clips | shuffled pairs |", "|---|---|---|---|"]
+                  f"{proto['size'][0]}x{proto['size'][1]} at {proto['fps']:g} fps): {e['what']}, beside real "
+                  f"held-out clips (the floor) and those clips with their sound swapped (sync should break). "
+                  f"Full report: [{rel(folder / 'report.md')}]({rel(folder / 'report.md')}).", "",
+                  f"| metric | {e['name']} | real clips | shuffled pairs |", "|---|---|---|---|"]
         for key in EVAL_KEYS:
             if key in m or key in real:
                 lines.append(f"| {key} | {fmt(m.get(key))} | {fmt(real.get(key))} | {fmt(shuffled.get(key))} |")
-        lines += ["", "```bash", evaluation["command"], "```", ""]
+        if (folder / "side_by_side.png").is_file():
+            lines += ["", "Real held-out clip (upper) and the evaluated clip for its caption (lower), in pairs:", "",
+                      f"![real and evaluated]({rel(folder / 'side_by_side.png')})"]
+        lines += ["", "```bash", e["command"], "```", ""]
     path.write_text("\n".join(lines))
     return path
