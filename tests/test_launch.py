@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from tests.conftest import SMALL_DIT
 
 TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", *SMALL_DIT,

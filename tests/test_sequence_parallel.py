@@ -14,8 +14,8 @@ from hydra.utils import instantiate
 
 from sora.models.dit import AVDiT
 from sora.training.sequence_parallel import (apply_sequence_parallel, check_sequence_parallel, data_parallel_rank,
-from tests.conftest import SMALL_DIT
                                              sequence_parallel_size, shard)
+from tests.conftest import SMALL_DIT
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "distributed" / "sequence_parallel.py"
