@@ -125,3 +125,25 @@ def test_demo_runs_end_to_end(demo):
     assert rows["tracked"]["target"] == "≥ 6/8" and rows["tracked"]["measured"].endswith("/3")
     assert rows["in_sync"]["shuffled"].endswith("/3") and rows["gravity_ok"]["met"] is None
     assert "## Targets" in report and ("**met**" in report or "**not met**" in report)
+
+
+def test_presets_compose_into_stage_configs_that_pass_the_checks():
+    """`preset=long` / `preset=gpu`: every stage's overrides compose with its experiment into a config that
+    passes sora-train's checks (no file reads), and the DiT's VAE block matches the VAE stage's."""
+    from hydra import compose, initialize_config_dir
+
+    from sora.cli.demo import CONFIGS
+    from sora.training.config_checks import check
+
+    for preset in ("long", "gpu"):
+        with initialize_config_dir(CONFIGS, version_base="1.3"):
+            demo = compose("demo", overrides=[f"preset={preset}"])
+            stages = {name: compose("train", overrides=[f"experiment={s.experiment}", *s.overrides])
+                      for name, s in demo.stages.items()}
+        for cfg in stages.values():
+            check(cfg, files=False)
+        assert dict(stages["dit"].model.video_vae) | {"temporal_stride": 4} == {
+            **{k: v for k, v in stages["video_vae"].model.vae.items()}, "temporal_stride": 4}
+        assert demo.eval.num_samples == 16 and demo.targets.tracked == "15/16" and "v2a" in demo.eval.tasks
+        if preset == "gpu":
+            assert stages["dit"].timeline.fps == 24 and stages["dit"].data.train.world.width == 64

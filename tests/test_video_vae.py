@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sora.evaluation.recon import trivial_psnr
 from sora.models.video_vae import (
     TINY_CONFIG,
     CausalConv3d,
@@ -11,15 +12,19 @@ from sora.models.video_vae import (
     VideoVAE,
     hinge_d_loss,
     hinge_g_loss,
+    pixel_weights,
     tiled,
 )
 from sora.timeline import Timeline
 
 
-@pytest.fixture(scope="module")
-def vae():
+@pytest.fixture(scope="module", params=["stem_fold", "time_fold_1"])
+def vae(request):
+    """Time folded into channels in the stem, or after one per-frame level without norms (the quickstart's):
+    every contract below (shapes, causality, image = one frame, chunking, tiling) holds for both."""
     torch.manual_seed(0)
-    return VideoVAE(**TINY_CONFIG).eval()
+    extra = {} if request.param == "stem_fold" else {"time_fold": 1, "norm": "none"}
+    return VideoVAE(**{**TINY_CONFIG, **extra}).eval()
 
 
 def video(b=1, t=9, h=16, w=16, seed=0):
@@ -234,3 +239,24 @@ def test_bad_config_and_chunk(vae):
 
 def test_sizes():
     assert VideoVAE().num_params() > 10 * VideoVAE(**TINY_CONFIG).num_params()
+
+
+def test_motion_weights_count_what_moves():
+    """1 where a pixel equals the clip's temporal median (the still background), 1 + w * |x - median|
+    (largest channel) where something passes; a still clip weighs every pixel 1."""
+    x = torch.full((1, 3, 5, 4, 4), -1.0)
+    x[0, :, 2, 1, 1] = 1.0  # a "ball" in one frame: 2 away from the background
+    w = pixel_weights(x, motion_weight=10.0)
+    assert w.shape == (1, 1, 5, 4, 4) and w[0, 0, 2, 1, 1] == 21 and (w.sum() - 21) == w.numel() - 1
+    assert torch.equal(pixel_weights(x[:, :, :1].expand_as(x), 10.0), torch.ones_like(w))
+
+
+def test_trivial_psnr_baselines():
+    """A still clip is its own temporal median (PSNR at the 1e-10 MSE floor, ~106 dB); the mean frame of
+    two different clips fits neither; a given mean frame that is the still clip's own frame fits it."""
+    frame = torch.rand(1, 3, 1, 8, 8) * 2 - 1
+    clips = torch.cat([frame.expand(1, 3, 5, 8, 8), video(1, 5, 8, 8, seed=7)])
+    out = trivial_psnr(clips)
+    assert out["still"][0] > 100 and out["still"][1] < 20
+    assert (out["mean_frame"] < 20).all()
+    assert trivial_psnr(clips, mean_frame=frame[0, :, 0])["mean_frame"][0] > 100
