@@ -99,7 +99,8 @@ class Evaluation:
         if len(self.real) < 2:  # other windows of the same clips would be the same fixed windows
             raise SystemExit(f"sora-eval: data={cfg.data}: {len(clips)} clips of {timeline.seconds:g} s; the real "
                              f"held-out baseline needs other clips than the num_samples={n} references: give at "
-                             f"least {n + 2} clips (2 x num_samples for a baseline of the same size) or lower num_samples")
+                             f"least {n + 2} clips (2 x num_samples for a baseline of the same size) or lower "
+                             f"num_samples")
         self.real_source = "the next clips of data" + (
             "" if len(self.real) == n else f" (only {len(self.real)}: data has {len(clips)} clips; distances "
                                            f"on fewer clips are biased upwards)")
@@ -313,9 +314,10 @@ def _print_summary(result: dict, out: Path) -> None:
     from sora.evaluation.report import fmt
 
     metrics, real = result["metrics"], result["baselines"]["real"]
-    keys = [k for k in ("fvd", "kvd", "fd_mel", "recon/psnr", "recon/psnr_still", "recon/psnr_mean_frame", "recon/ssim", "recon/mel_distance", "recon/si_sdr_db",
-                        "val/loss", "sync/offset_abs_ms_mean", "sync/within_frame", "physics/gravity_rel_error")
-            if k in metrics]
+    keys = [k for k in ("fvd", "kvd", "fd_mel", "recon/psnr", "recon/psnr_still", "recon/psnr_mean_frame",
+                        "recon/ssim", "recon/mel_distance", "recon/si_sdr_db", "val/loss", "sync/offset_abs_ms_mean",
+                        "sync/within_frame", "physics/clips_tracked", "physics/clips_in_sync",
+                        "physics/gravity_rel_error") if k in metrics]
     summary = ", ".join(f"{k} {fmt(metrics[k])}" + (f" (real {fmt(real[k])})" if k in real else "") for k in keys)
     print(f"sora-eval: {result['what']}: {summary}")
     print(f"sora-eval: wrote {out / 'metrics.json'} and {out / 'report.md'} in {result['seconds']:.1f} s")

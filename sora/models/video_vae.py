@@ -328,7 +328,8 @@ class VideoVAE(nn.Module):
     # -- loss -----------------------------------------------------------------------------
     @staticmethod
     def loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float = 1e-6,
-             motion_weight: float = 0.0, perceptual: nn.Module | None = None, perceptual_weight: float = 1.0, perceptual_frames: int = 4,
+             motion_weight: float = 0.0, perceptual: nn.Module | None = None, perceptual_weight: float = 1.0,
+             perceptual_frames: int = 4,
              discriminator: nn.Module | None = None, gan_weight: float = 0.1, step: int = 0,
              gan_start_step: int = 0, last_layer: torch.Tensor | None = None) -> dict:
         """dict(loss, l1, kl[, perceptual][, gan]).
