@@ -286,15 +286,13 @@ def hydra_main(cfg: DictConfig) -> None:
     print("\n== 5/5 report", flush=True)
     sheet = out / "plots" / "samples.png"
     write_image(sheet, sample_sheet([s["path"] for s in samples]))
+    targets = target_rows(evaluations, OmegaConf.to_container(cfg.targets))
     report = write_report(out / "report.md", preview=summary, stages=stages, samples=samples, sheet=sheet,
-                          total_seconds=time.perf_counter() - t_start, evaluations=evaluations,
-                          targets=OmegaConf.to_container(cfg.targets))
+                          total_seconds=time.perf_counter() - t_start, evaluations=evaluations, targets=targets)
     OmegaConf.save(cfg, out / "demo_config.yaml")
-    results = {"preview": summary, "seconds": round(time.perf_counter() - t_start, 1),
-               "stages": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in stages],
-               "samples": [{k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()} for s in samples],
-               "evaluations": [{k: (str(v) if isinstance(v, Path) else v) for k, v in e.items()} for e in evaluations],
-               "targets": target_rows(evaluations, OmegaConf.to_container(cfg.targets))}
+    plain = lambda items: [{k: (str(v) if isinstance(v, Path) else v) for k, v in x.items()} for x in items]  # noqa: E731
+    results = {"preview": summary, "seconds": round(time.perf_counter() - t_start, 1), "stages": plain(stages),
+               "samples": plain(samples), "evaluations": plain(evaluations), "targets": targets}
     (out / "report.json").write_text(json.dumps(results, indent=2))
     for row in results["targets"]:
         verdict = {True: "met", False: "NOT met", None: "no target"}[row["met"]]

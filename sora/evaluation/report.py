@@ -156,11 +156,12 @@ def target_rows(evaluations: list[dict], targets: dict) -> list[dict]:
 
 def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples: list[dict],
                  sheet: Path | None, total_seconds: float, evaluations: list[dict] = (),
-                 targets: dict | None = None) -> Path:
+                 targets: list[dict] = ()) -> Path:
     """report.md: the targets met or not; per stage its command, time, plot and start -> end metrics; the
     samples; the data check; each evaluation (``sora-eval``'s metrics.json plus its ``name``, ``folder``,
     ``command``) beside its baselines, with real and generated clips side by side.
 
+    ``targets``: :func:`target_rows` of the evaluations.
     ``stages``: dicts with name, command, seconds, plot (Path or None), metrics (list of (label, start, end)).
     ``samples``: dicts with prompt, path, command, seconds, duration, audio_duration.
     """
@@ -172,7 +173,7 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
 
     lines = ["# sora quickstart report", "",
              f"Whole run: {total_seconds:.0f} s. Every stage below can be re-run alone with its command.", ""]
-    rows = target_rows(list(evaluations), targets or {})
+    rows = list(targets)
     if rows:
         mark = {True: "**met**", False: "**not met**", None: "–"}
         lines += ["## Targets", "",
