@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from sora.models.distributions import DiagonalGaussian  # re-exported
+from sora.models.dtypes import as_weights
 
 LOG_EPS = 1e-5
 STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (256, 64, 256))  # (n_fft, hop, win)
@@ -75,12 +76,13 @@ class MelSpectrogram(nn.Module):
         """|STFT| [B, n_fft // 2 + 1, N // hop] with the centred framing described above."""
         if wave.dim() == 3:
             wave = rearrange(wave, "b 1 n -> b n")
-        spec = torch.stft(wave.to(self.window.dtype), self.n_fft, self.hop, window=self.window,
+        # float32 DSP whatever a strategy cast the module to (bf16 STFTs lose the quiet bins)
+        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window.float(),
                           center=True, pad_mode="reflect", return_complex=True)
         return spec.abs()[..., : wave.shape[-1] // self.hop]
 
     def forward(self, wave):
-        mel = torch.einsum("mf,bft->bmt", self.mel_basis, self.magnitude(wave))
+        mel = torch.einsum("mf,bft->bmt", self.mel_basis.float(), self.magnitude(wave))
         return torch.log(torch.clamp(mel, min=LOG_EPS))
 
 
@@ -143,10 +145,11 @@ class AudioVAE(nn.Module):
         if mel.shape[-1] % self.stride:
             raise ValueError(f"audio_vae: {mel.shape[-1]} mel frames are not a multiple of "
                              f"stride={self.stride}; cut clips with sora.timeline.Timeline")
-        return DiagonalGaussian(self.encoder((mel - self.mel_mean) / self.mel_std))
+        x = (mel - self.mel_mean) / self.mel_std
+        return DiagonalGaussian(self.encoder(as_weights(self.encoder, x)))
 
     def decode(self, z):
-        return self.decoder(z) * self.mel_std + self.mel_mean
+        return self.decoder(as_weights(self.decoder, z)) * self.mel_std + self.mel_mean
 
     def forward(self, mel, sample=True):
         posterior = self.encode(mel)
@@ -219,7 +222,7 @@ class Vocoder(nn.Module):
         self.conv_post = nn.Conv1d(ch, 1, 7, padding=3)
 
     def forward(self, mel):
-        x = self.conv_pre(mel)
+        x = self.conv_pre(as_weights(self, mel))
         for up, block in zip(self.ups, self.blocks):
             x = block(up(F.leaky_relu(x, 0.1)))
         return torch.tanh(self.conv_post(F.leaky_relu(x, 0.1)))
@@ -248,6 +251,7 @@ class PeriodDiscriminator(nn.Module):
         self.conv_post = nn.Conv2d(chans[-1], 1, (3, 1), padding=(1, 0))
 
     def forward(self, wave):
+        wave = as_weights(self, wave)
         pad = -wave.shape[-1] % self.period
         x = F.pad(wave, (0, pad), mode="reflect") if pad else wave
         x = rearrange(x, "b c (t p) -> b c t p", p=self.period)
@@ -298,9 +302,11 @@ def feature_matching_loss(real_outs, fake_outs):
 # ------------------------------------------------------------------------------------------
 
 def stft_magnitude(x, n_fft, hop, win_length):
-    """|STFT| [B, frames, bins] (centred, Hann), floored at 1e-7 power as Parallel WaveGAN."""
+    """|STFT| [B, frames, bins] (centred, Hann), floored at 1e-7 power as Parallel WaveGAN; float32."""
     if x.dim() == 3:
         x = rearrange(x, "b 1 n -> b n")
+    if x.dtype in (torch.float16, torch.bfloat16):  # a loss: float32 whatever the vocoder computed in
+        x = x.float()
     window = torch.hann_window(win_length, device=x.device, dtype=x.dtype)
     spec = torch.stft(x, n_fft, hop, win_length, window=window, return_complex=True)
     mag = torch.sqrt(torch.clamp(spec.real ** 2 + spec.imag ** 2, min=1e-7))

@@ -6,10 +6,11 @@ import torch
 
 
 class DiagonalGaussian:
-    """Posterior N(mean, exp(logvar)) from encoder moments [B, 2C, ...] split on channels."""
+    """Posterior N(mean, exp(logvar)) from encoder moments [B, 2C, ...] split on channels; float32
+    whatever the encoder computed in (latents, samples and the KL are float32)."""
 
     def __init__(self, moments: torch.Tensor):
-        self.mean, logvar = moments.chunk(2, dim=1)
+        self.mean, logvar = moments.float().chunk(2, dim=1)
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sora.models.attention import ROPE_SCALE, ROPE_THETA, RMSNorm, apply_rope, attention, rope_frequencies
+from sora.models.dtypes import as_weights
 
 MODALITIES = ("video", "audio", "text")
 
@@ -318,6 +319,7 @@ class AVDiT(nn.Module):
         p = self.patch_size
         h, w = self._check_latents(frames, height, width, audio.shape[-1], video_times, audio_times)
         text_mask = text_mask.to(torch.bool)
+        video, audio, text = (as_weights(self, x) for x in (video, audio, text))
         x = {
             "video": self.video_embed(rearrange(video, "b c t (h p) (w q) -> b (t h w) (c p q)", p=p, q=p)),
             "audio": self.audio_embed(rearrange(audio, "b c l -> b l c")),
@@ -350,6 +352,8 @@ class AVDiT(nn.Module):
             raise ValueError(f"forward_packed: {n} video, {len(audio)} audio, {len(video_times)}/"
                              f"{len(audio_times)} times and {text.shape[0]} texts: need one of each per sample")
         p, dev = self.patch_size, text.device
+        video, audio, text = [as_weights(self, v) for v in video], [as_weights(self, a) for a in audio], \
+            as_weights(self, text)
         grids, tokens_v, tokens_a, pos_v, pos_a = [], [], [], [], []
         for v, a, vt, at in zip(video, audio, video_times, audio_times):
             h, w = self._check_latents(v.shape[1], v.shape[2], v.shape[3], a.shape[-1], vt, at)

@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from sora.models.distributions import DiagonalGaussian  # re-exported
+from sora.models.dtypes import as_weights
 
 TINY_CONFIG = dict(latent_channels=16, base_channels=8, channel_mult=(1, 2, 4), num_res_blocks=1)
 
@@ -157,6 +158,7 @@ class Encoder(nn.Module):
         self.norm_out, self.conv_out = make_norm(norm, ch), CausalConv3d(ch, 2 * latent_channels, 3)
 
     def forward(self, x, first: bool = True):
+        x = as_weights(self, x)
         if first and self.stem_t > 1:  # frame 0 alone: pad the past with copies of it to fill the first group
             x = torch.cat([x[:, :, :1].expand(-1, -1, self.stem_t - 1, -1, -1), x], dim=2)
         x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=self.stem_t, ph=self.ps, pw=self.ps)
@@ -194,7 +196,7 @@ class Decoder(nn.Module):
         self.norm_out, self.conv_out = make_norm(norm, ch), nn.Conv3d(ch, 3 * self.out_t * spatial_patch**2, 1)
 
     def forward(self, z, first: bool = True):
-        x = self.blocks(self.conv_in(z))
+        x = self.blocks(self.conv_in(as_weights(self, z)))
         if self.frame_blocks is not None:
             x = self.frame_blocks(self.unfold(x, first))
         x = self.conv_out(F.silu(self.norm_out(x)))
@@ -421,7 +423,7 @@ class PatchDiscriminator3D(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(as_weights(self, x))
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
