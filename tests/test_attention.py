@@ -54,6 +54,35 @@ def test_pack_unpack_roundtrip():
     assert (back[~mask] == 0).all()
 
 
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=4), extra=st.integers(0, 3), lq=st.integers(1, 6),
+       seed=st.integers(0, 1000))
+def test_varlen_keys_matches_sdpa_forward_and_backward(lengths, extra, lq, seed):
+    """Every query row against the kept keys (the DiT's dense case), through the varlen kernel's CPU twin."""
+    lengths = [max(n, 1) for n in lengths]  # a sample keeps at least one key (its video tokens)
+    q, k, v, mask = _padded(len(lengths), lengths, lq=lq, lk=max(lengths) + extra, seed=seed)
+    grads = []
+    for run in (lambda *t: A.attention(*t, mask, backend="sdpa"),
+                lambda *t: A.varlen_keys(*t, mask, kernel=A.varlen_attention_reference)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = run(*leaves)
+        out.square().sum().backward()
+        grads.append((out.detach(), *(t.grad for t in leaves)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_keys_needs_no_host_sync():
+    """On the meta device any data-dependent shape (nonzero, .item(), a mask's count) fails: the packing
+    runs there, so it asks the device nothing (the kernel stands in for flash-attn's, shape only)."""
+    q, k, v = (torch.empty(2, 3, n, 8, device="meta") for n in (5, 7, 7))
+    mask = torch.empty(2, 7, dtype=torch.bool, device="meta")
+    out = A.varlen_keys(q, k, v, mask, kernel=lambda q, *args, **kw: torch.empty_like(q))
+    assert out.shape == q.shape and out.device.type == "meta"
+    with pytest.raises(Exception):  # the older packing does ask (nonzero)
+        A.varlen_attention(q, k, v, mask, kernel=lambda q, *args, **kw: torch.empty_like(q))
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])
 def test_masked_keys_do_not_influence_outputs(backend):
     q, k, v, mask = _padded(2, [3, 5], lk=8, seed=1)

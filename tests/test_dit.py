@@ -151,13 +151,43 @@ def test_accounting_and_validation():
         joint(**dict(inputs(), audio_times=torch.zeros(L + 1)))
 
 
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_flash_code_path_matches_sdpa(fusion, monkeypatch):
-    """The model's flash path (pack -> varlen kernel -> unpack), run with the CPU twin kernel."""
+def test_flash_code_path_matches_sdpa(fusion, backend, monkeypatch):
+    """The model's varlen paths (keys packed without a host sync -> varlen kernel), run with the CPU twin
+    kernel: flash-attn's ``flash_attn_varlen_func`` and PyTorch's ``varlen_attn`` (CUDA-only kernels)."""
     from sora.models import attention as A
 
     monkeypatch.setattr(A, "flash_attn_varlen_func", A.varlen_attention_reference)
+    monkeypatch.setattr(A, "_torch_varlen_attn", lambda q, k, v, cq, ck, mq, mk, scale=None:
+                        A.varlen_attention_reference(q, k, v, cq, ck, mq, mk, softmax_scale=scale))
     x = inputs()
     ref = unzero(make(fusion, attn_backend="sdpa"))(**x)
-    out = unzero(make(fusion, attn_backend="flash"))(**x)
+    out = unzero(make(fusion, attn_backend=backend))(**x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_unpadded_text_sends_no_mask_to_sdpa(fusion, monkeypatch):
+    """Nothing padded: no boolean mask reaches SDPA (which would rule out its flash kernel), with the same
+    outputs as the same captions plus a masked pad token; a padded caption still gets its mask."""
+    from sora.models import attention as A
+
+    seen = []
+    sdpa = A.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    model, x = unzero(make(fusion)), inputs()
+    x["text_mask"] = torch.ones(B, LT, dtype=torch.bool)
+    out = model(**x)
+    assert seen and all(m is None for m in seen)
+    seen.clear()
+    padded = dict(x, text=torch.cat([x["text"], 50 * torch.randn(B, 1, TEXT_DIM)], 1),
+                  text_mask=torch.cat([x["text_mask"], torch.zeros(B, 1, dtype=torch.bool)], 1))
+    ref = model(**padded)
+    assert any(m is not None for m in seen)  # (dual_stream: the video<->audio cross-attention has none)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,16 @@ One entry point, :func:`attention`, for every attention in the models:
   is unpacked (padded query rows come back as zeros).
 * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with the key-padding mask
   broadcast to ``[B, 1, 1, L_k]``. Every query row is computed.
-* ``"auto"``: flash when flash-attn imports, the tensors are on CUDA and in fp16/bf16, else sdpa.
+* ``"varlen"``: the same packing through PyTorch's own flash kernel for variable lengths
+  (``torch.nn.attention.varlen.varlen_attn``, CUDA), for machines without flash-attn.
+* ``"auto"``: on CUDA in fp16/bf16, flash when flash-attn imports; else, when keys are padded,
+  varlen when PyTorch has it; else sdpa. A boolean mask keeps SDPA off its flash kernel, so no
+  mask means no mask: the DiT passes None when nothing is padded.
+
+Key padding without a host sync: when every query row is computed (``q_mask`` None), the kept
+keys are moved to the front of a static-size ``[B * Lk]`` buffer by a stable sort of the mask,
+``cu_seqlens`` is a cumulative sum on the device and ``max_seqlen_k = Lk`` (an upper bound is all
+the kernel needs): no ``nonzero``, no ``.item()`` (:func:`varlen_keys`).
 
 Packed samples (sequence packing, ``AVDiT.forward_packed``): ``mask`` and ``q_mask`` may instead
 be integer segment ids ``[B, L]`` (the sample of each key / query; -1 = a key nobody sees). A
@@ -42,8 +51,12 @@ try:  # optional CUDA extra
     from flash_attn import flash_attn_varlen_func
 except Exception:  # pragma: no cover - not installed on CPU machines
     flash_attn_varlen_func = None
+try:  # PyTorch's own varlen flash kernel (CUDA; torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except Exception:  # pragma: no cover - older torch
+    _torch_varlen_attn = None
 
-BACKENDS = ("auto", "flash", "sdpa")
+BACKENDS = ("auto", "flash", "varlen", "sdpa")
 ROPE_THETA = (10000.0, 10000.0, 10000.0)  # per axis: time, row, col
 ROPE_SCALE = (100.0, 1.0, 1.0)  # rad per unit of position for the fastest component
 
@@ -51,14 +64,27 @@ ROPE_SCALE = (100.0, 1.0, 1.0)  # rad per unit of position for the fastest compo
 # --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
-def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
+def select_backend(q: torch.Tensor, backend: str = "auto", masked: bool = False) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend={backend!r}: expected one of {BACKENDS}")
     if backend != "auto":
         return backend
-    flash_ok = (flash_attn_varlen_func is not None and q.is_cuda
-                and q.dtype in (torch.float16, torch.bfloat16))
-    return "flash" if flash_ok else "sdpa"
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return "sdpa"
+    if flash_attn_varlen_func is not None:
+        return "flash"
+    return "varlen" if masked and _torch_varlen_attn is not None else "sdpa"
+
+
+def torch_varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                        softmax_scale=None, causal=False):
+    """``torch.nn.attention.varlen.varlen_attn`` behind flash-attn's ``flash_attn_varlen_func`` signature."""
+    if _torch_varlen_attn is None:
+        raise RuntimeError("attention backend='varlen' needs torch.nn.attention.varlen (PyTorch >= 2.10, CUDA)")
+    if dropout_p or causal:
+        raise ValueError("the varlen backend covers the non-causal, no-dropout case")
+    scale = {} if softmax_scale is None else {"scale": softmax_scale}
+    return _torch_varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **scale)
 
 
 def attention(q, k, v, mask=None, backend="auto", q_mask=None):
@@ -68,16 +94,19 @@ def attention(q, k, v, mask=None, backend="auto", q_mask=None):
     back as zeros); sdpa computes every row. Compare the two on unmasked rows only.
     Integer ``mask`` and ``q_mask``: segment ids of keys and queries (block-diagonal, see above).
     """
-    backend = select_backend(q, backend)
+    backend = select_backend(q, backend, masked=mask is not None)
     segments = mask is not None and mask.dtype != torch.bool
     if segments and (q_mask is None or q_mask.dtype == torch.bool):
         raise ValueError("attention: key segment ids need the queries' segment ids as q_mask")
-    if backend == "flash":
-        if flash_attn_varlen_func is None:
+    if backend in ("flash", "varlen"):
+        if backend == "flash" and flash_attn_varlen_func is None:
             raise RuntimeError("attention backend='flash' needs flash-attn (pip install flash-attn)")
+        kernel = flash_attn_varlen_func if backend == "flash" else torch_varlen_kernel
         if segments:
-            return segment_varlen_attention(q, k, v, mask, q_mask, kernel=flash_attn_varlen_func)
-        return varlen_attention(q, k, v, mask, q_mask, kernel=flash_attn_varlen_func)
+            return segment_varlen_attention(q, k, v, mask, q_mask, kernel=kernel)
+        if q_mask is None:
+            return varlen_keys(q, k, v, mask, kernel=kernel)
+        return varlen_attention(q, k, v, mask, q_mask, kernel=kernel)
     if segments:
         return sdpa_attention(q, k, v, segment_mask(q_mask, mask))
     return sdpa_attention(q, k, v, mask)
@@ -152,6 +181,25 @@ def varlen_attention(q, k, v, mask=None, q_mask=None, kernel: Callable | None = 
     vp, _, _, _ = pack(v.transpose(1, 2), mask)
     out = kernel(qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False)
     return unpack(out, idx_q, b, lq).transpose(1, 2)
+
+
+def varlen_keys(q, k, v, mask=None, kernel: Callable | None = None):
+    """Every query row against its sample's kept keys (bool ``mask`` [B, Lk], None = all), through a
+    varlen ``kernel``, with no host-device sync: static shapes, the kept keys first (stable sort),
+    ``cu_seqlens`` cumulated on the device, ``max_seqlen`` the padded lengths (upper bounds)."""
+    kernel = kernel or flash_attn_varlen_func
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    flat = lambda x: x.transpose(1, 2).reshape(-1, h, x.shape[-1])  # noqa: E731  [B, H, L, D] -> [B*L, H, D]
+    kp, vp = flat(k), flat(v)
+    counts = torch.full((b,), lk, dtype=torch.int32, device=q.device)
+    if mask is not None:
+        order = torch.argsort((~mask).reshape(-1).to(torch.uint8), stable=True)  # kept keys first, in order
+        kp, vp, counts = kp[order], vp[order], mask.sum(1, dtype=torch.int32)
+    cu_k = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=q.device)
+    out = kernel(flat(q), kp, vp, cu_q, cu_k, lq, lk, dropout_p=0.0, softmax_scale=None, causal=False)
+    return out.reshape(b, lq, h, -1).transpose(1, 2)
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
@@ -244,7 +292,7 @@ else:  # pragma: no cover - older torch
             return xf.to(x.dtype) * self.weight
 
 
-__all__ = ["attention", "select_backend", "sdpa_attention", "varlen_attention", "segment_mask",
+__all__ = ["attention", "select_backend", "sdpa_attention", "varlen_attention", "varlen_keys", "segment_mask",
            "segment_order", "segment_varlen_attention",
            "varlen_attention_reference", "pack", "unpack", "rope_axes_dims",
            "rope_frequencies", "apply_rope", "RMSNorm", "ROPE_THETA", "ROPE_SCALE"]

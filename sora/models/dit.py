@@ -61,8 +61,18 @@ def gather_segments(per_sample: torch.Tensor, segments: torch.Tensor) -> torch.T
 
 
 def is_packed(masks: dict) -> bool:
-    """Whether ``masks`` hold segment ids (a packed sequence) rather than key-padding bools."""
-    return masks["video"].dtype != torch.bool
+    """Whether ``masks`` hold segment ids (a packed sequence) rather than key-padding bools (or None)."""
+    return masks["video"] is not None and masks["video"].dtype != torch.bool
+
+
+def key_mask(masks: dict, keys, lengths: dict):
+    """The key-padding mask of ``keys`` concatenated: None when none of them is padded (so SDPA may
+    take its flash kernel); otherwise the streams without a mask count as all kept."""
+    if all(masks[m] is None for m in keys):
+        return None
+    ref = next(masks[m] for m in keys if masks[m] is not None)
+    return torch.cat([masks[m] if masks[m] is not None else ref.new_ones(ref.shape[0], lengths[m])
+                      for m in keys], dim=1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -144,7 +154,7 @@ class MMDiTBlock(nn.Module):
         q = torch.cat([qkv[m][0] for m in queries], dim=2)
         k = torch.cat([qkv[m][1] for m in keys], dim=2)
         v = torch.cat([qkv[m][2] for m in keys], dim=2)
-        mask = torch.cat([masks[m] for m in keys], dim=1)
+        mask = key_mask(masks, keys, {m: qkv[m][1].shape[2] for m in keys})
         if is_packed(masks):  # block-diagonal: the queries' segments too
             q_seg = torch.cat([masks[m] for m in queries], dim=1)
             o = self.attention_fn(q, k, v, mask, backend=self.attn_backend, q_mask=q_seg)
@@ -287,8 +297,11 @@ class AVDiT(nn.Module):
 
     def _conditioning(self, text, text_mask, t_video, t_audio) -> dict:
         """Per sample [B, D]: timestep embedding per modality + pooled real text tokens."""
-        weights = text_mask.to(text.dtype)[..., None]
-        pooled = self.text_pool((text * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+        if text_mask is None:  # nothing padded
+            pooled = self.text_pool(text.mean(1))
+        else:
+            weights = text_mask.to(text.dtype)[..., None]
+            pooled = self.text_pool((text * weights).sum(1) / weights.sum(1).clamp(min=1.0))
         c_video = self.t_embed_video(t_video) + pooled
         c_audio = self.t_embed_audio(t_audio) + pooled
         return {"video": c_video, "audio": c_audio, "text": 0.5 * (c_video + c_audio)}
@@ -309,7 +322,7 @@ class AVDiT(nn.Module):
         return x
 
     def forward(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
-        """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt],
+        """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt] (None: nothing padded),
         t_video/t_audio [B] in [0, 1], video_times [T'] / audio_times [L] seconds (float64 keeps phase
         precision on long clips) -> (v_video, v_audio). Lists of per-sample video / audio / times: the
         packed mode, :meth:`forward_packed` (through ``forward`` so that wrappers' hooks run)."""
@@ -318,7 +331,10 @@ class AVDiT(nn.Module):
         b, _, frames, height, width = video.shape
         p = self.patch_size
         h, w = self._check_latents(frames, height, width, audio.shape[-1], video_times, audio_times)
-        text_mask = text_mask.to(torch.bool)
+        if text_mask is not None:
+            text_mask = text_mask.to(torch.bool)
+            if not text_mask.is_cuda and bool(text_mask.all()):  # a free check on the host; CUDA: varlen kernels
+                text_mask = None
         video, audio, text = (as_weights(self, x) for x in (video, audio, text))
         x = {
             "video": self.video_embed(rearrange(video, "b c t (h p) (w q) -> b (t h w) (c p q)", p=p, q=p)),
@@ -327,8 +343,7 @@ class AVDiT(nn.Module):
         }
         c = self._conditioning(text, text_mask, t_video, t_audio)
         rope, rope_time = self._rotary(*self.rope_positions(video_times, audio_times, h, w))
-        ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=video.device)  # noqa: E731
-        masks = {"video": ones(x["video"].shape[1]), "audio": ones(x["audio"].shape[1]), "text": text_mask}
+        masks = {"video": None, "audio": None, "text": text_mask}  # None: nothing padded
         x = self._run_blocks(x, c, rope, masks, rope_time)
         v_video = self.final_video(x["video"], c["video"])
         v_video = rearrange(v_video, "b (t h w) (c p q) -> b c t (h p) (w q)", t=frames, h=h, w=w, p=p, q=p)

@@ -200,14 +200,16 @@ def _shard_block_inputs(block, args, state: _State, shard_tokens: bool):
         raise RuntimeError("sequence parallelism expects blocks called as block(x, c, rope, masks, rope_time)")
     x, c, rope, masks, *rest = args
     r, n = state.rank, state.size
-    state.lengths = {m: mk.shape[1] for m, mk in masks.items()}
-    if shard_tokens:
-        for m, t in x.items():
-            if t.shape[1] != state.lengths[m]:
-                raise RuntimeError(f"sequence parallelism: {m} has {t.shape[1]} tokens but a mask of "
-                                   f"{state.lengths[m]}")
+    if shard_tokens:  # the first block: full-length tokens
+        state.lengths = {m: t.shape[1] for m, t in x.items()}
+        for m, mk in masks.items():
+            if mk is not None and mk.shape[1] != state.lengths[m]:
+                raise RuntimeError(f"sequence parallelism: {m} has {state.lengths[m]} tokens but a mask of "
+                                   f"{mk.shape[1]}")
         x = {m: shard(t, 1, r, n) for m, t in x.items()}
-    masks = {m: shard(mk, 1, r, n, value=False) for m, mk in masks.items()}
+    # a stream without a mask (nothing padded) gets one here: the shards' pad tokens must be masked out
+    full = lambda m: torch.ones(x[m].shape[0], state.lengths[m], dtype=torch.bool, device=x[m].device)  # noqa: E731
+    masks = {m: shard(full(m) if mk is None else mk, 1, r, n, value=False) for m, mk in masks.items()}
     angles = lambda d: None if d is None else {m: shard(f, -2, r, n) for m, f in d.items()}  # noqa: E731
     return (x, c, angles(rope), masks, *(angles(a) for a in rest))
 
