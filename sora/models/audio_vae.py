@@ -72,17 +72,23 @@ class MelSpectrogram(nn.Module):
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         self.center_freqs = centres  # Hz, one per mel bin
 
+    @property
+    def dsp_dtype(self) -> torch.dtype:
+        """The buffers' dtype, at least float32 (float64 when the module was made double)."""
+        return torch.promote_types(self.window.dtype, torch.float32)
+
     def magnitude(self, wave):
         """|STFT| [B, n_fft // 2 + 1, N // hop] with the centred framing described above."""
         if wave.dim() == 3:
             wave = rearrange(wave, "b 1 n -> b n")
-        # float32 DSP whatever a strategy cast the module to (bf16 STFTs lose the quiet bins)
-        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window.float(),
+        # at least float32 whatever a strategy cast the module to (bf16 STFTs lose the quiet bins)
+        dt = self.dsp_dtype
+        spec = torch.stft(wave.to(dt), self.n_fft, self.hop, window=self.window.to(dt),
                           center=True, pad_mode="reflect", return_complex=True)
         return spec.abs()[..., : wave.shape[-1] // self.hop]
 
     def forward(self, wave):
-        mel = torch.einsum("mf,bft->bmt", self.mel_basis.float(), self.magnitude(wave))
+        mel = torch.einsum("mf,bft->bmt", self.mel_basis.to(self.dsp_dtype), self.magnitude(wave))
         return torch.log(torch.clamp(mel, min=LOG_EPS))
 
 
