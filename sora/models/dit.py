@@ -322,8 +322,8 @@ class AVDiT(nn.Module):
         return x
 
     def forward(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
-        """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt] (None: nothing padded),
-        t_video/t_audio [B] in [0, 1], video_times [T'] / audio_times [L] seconds (float64 keeps phase
+        """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt]
+        (None: nothing padded), t_video/t_audio [B] in [0, 1], video_times [T'] / audio_times [L] seconds (float64 keeps phase
         precision on long clips) -> (v_video, v_audio). Lists of per-sample video / audio / times: the
         packed mode, :meth:`forward_packed` (through ``forward`` so that wrappers' hooks run)."""
         if isinstance(video, (list, tuple)):
