@@ -37,3 +37,15 @@ def demo(tmp_path_factory):
     return run, proc
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests (tests/test_cuda.py, tools/gpu_check.sh) skip on machines without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run tools/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -90,3 +90,16 @@ def test_a_checkpoint_from_another_world_size_reshards_the_stream(caplog):
         fresh.load_state_dict({"world_size": 2, "ranks": saved["ranks"] * 2})
     assert "2 ranks x 1 workers, this run has 1 x 1: resharded" in caplog.text
     assert next(iter(fresh)).keys == keys[2]
+
+
+def test_num_workers_auto_follows_the_cores(monkeypatch):
+    from sora.data import datamodule as D
+
+    for cores, ranks, expected in [(2, 1, 1), (1, 1, 1), (16, 1, 8), (64, 8, 7), (16, 8, 1)]:
+        monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert D.auto_workers(ranks) == expected, (cores, ranks)
+    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert D.AVDataModule(train=None, num_workers="auto").workers() == 2  # no trainer: one rank
+    assert D.AVDataModule(train=None, num_workers=3).workers() == 3
+    with pytest.raises(ValueError, match="data.num_workers"):
+        D.AVDataModule(train=None, num_workers="four")

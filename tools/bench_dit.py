@@ -13,6 +13,10 @@ model in its own fresh subprocess, peak resident memory (``VmHWM``) of two train
 minus the resident memory just before the model is built. The bound: a 2048^3 matmul in the
 same dtype, timed in the same rounds; ours as a fraction of it uses the analytic training FLOPs of
 :mod:`sora.models.flops`. Prints one JSON line. Needs ``pip install diffusers`` (dev only).
+
+``--device cuda``: everything on the GPU, timed with ``torch.cuda.synchronize``; memory is the
+peak of ``torch.cuda.max_memory_allocated`` over two steps (fresh process each) above what was
+allocated before the model; the bound is an 8192^3 matmul (``--matmul-n``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (or cuda:N)")
+    ap.add_argument("--no-peer", action="store_true", help="ours and the matmul bound only (no diffusers)")
+    ap.add_argument("--matmul-n", type=int, default=None, help="the bound's matmul size (default 2048 on CPU, 8192 on CUDA)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--memory-of", choices=("ours", "peer"), help=argparse.SUPPRESS)  # the subprocess mode
     args = ap.parse_args(argv)
@@ -68,12 +75,15 @@ def build(which: str, args):
     g = torch.Generator().manual_seed(1)
     text = torch.randn(b, nt, args.width, generator=g)
     t = torch.rand(b, generator=g)
+    dev = torch.device(args.device)
+    text, t = text.to(dev), t.to(dev)
     if which == "ours":
-        model = build_dit(args)
-        video = torch.randn(b, VIDEO_CHANNELS, args.frames, args.hw, args.hw, generator=g)
-        audio = torch.randn(b, AUDIO_CHANNELS, na, generator=g)
-        mask = torch.ones(b, nt, dtype=torch.bool)
-        vt, at = torch.arange(args.frames, dtype=torch.float64) / 6, torch.arange(na, dtype=torch.float64) / 25
+        model = build_dit(args).to(dev)
+        video = torch.randn(b, VIDEO_CHANNELS, args.frames, args.hw, args.hw, generator=g).to(dev)
+        audio = torch.randn(b, AUDIO_CHANNELS, na, generator=g).to(dev)
+        mask = torch.ones(b, nt, dtype=torch.bool, device=dev)
+        vt = (torch.arange(args.frames, dtype=torch.float64) / 6).to(dev)
+        at = (torch.arange(na, dtype=torch.float64) / 25).to(dev)
 
         def forward():
             return model(video, audio, text, mask, t, t, vt, at)
@@ -86,9 +96,9 @@ def build(which: str, args):
             patch_size_t=1, num_attention_heads=args.heads, attention_head_dim=hd, cross_attention_dim=args.width,
             audio_in_channels=AUDIO_CHANNELS, audio_out_channels=AUDIO_CHANNELS, audio_num_attention_heads=args.heads,
             audio_attention_head_dim=hd, audio_cross_attention_dim=args.width, num_layers=args.depth,
-            caption_channels=args.width)
-        video = torch.randn(b, nv, VIDEO_CHANNELS * PATCH ** 2, generator=g)
-        audio = torch.randn(b, na, AUDIO_CHANNELS, generator=g)
+            caption_channels=args.width).to(dev)
+        video = torch.randn(b, nv, VIDEO_CHANNELS * PATCH ** 2, generator=g).to(dev)
+        audio = torch.randn(b, na, AUDIO_CHANNELS, generator=g).to(dev)
         side = args.hw // PATCH
 
         def forward():
@@ -102,7 +112,7 @@ def build(which: str, args):
     bf16 = args.precision == "bf16-mixed"
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             outs = forward()
         loss = sum(F.mse_loss(o.float(), y) for o, y in zip(outs, targets))
         loss.backward()
@@ -122,16 +132,18 @@ def memory_of(which: str, args) -> dict:
         import sora.models.dit  # noqa: F401
     else:
         import diffusers  # noqa: F401
-    before = rss_kb("VmRSS")
+    cuda = torch.device(args.device).type == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else rss_kb("VmRSS")
     model, step = build(which, args)
     for _ in range(2):
         step()
-    return {"peak_mb": (rss_kb("VmHWM") - before) / 1024, "params": sum(p.numel() for p in model.parameters())}
+    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else (rss_kb("VmHWM") - before) / 1024
+    return {"peak_mb": peak_mb, "params": sum(p.numel() for p in model.parameters())}
 
 
-def matmul_step(bf16: bool, n: int = 2048):
+def matmul_step(bf16: bool, n: int = 2048, device="cpu"):
     """A function doing one ``n^3`` matmul in the benchmark's dtype, and its FLOPs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     if bf16:
         a, b = a.bfloat16(), b.bfloat16()
     return (lambda: a @ b), 2 * n ** 3
@@ -145,22 +157,28 @@ def main(argv=None) -> dict:
     from sora.models.flops import dit_training_flops
 
     nv, na, nt = tokens(args)
-    steps = {w: build(w, args)[1] for w in ("ours", "peer")}
-    steps["matmul"], matmul_flops = matmul_step(args.precision == "bf16-mixed")
+    models = ("ours",) if args.no_peer else ("ours", "peer")
+    steps = {w: build(w, args)[1] for w in models}
+    cuda = torch.device(args.device).type == "cuda"
+    n = args.matmul_n or (8192 if cuda else 2048)
+    steps["matmul"], matmul_flops = matmul_step(args.precision == "bf16-mixed", n, args.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         for step in steps.values():
             step()
     times = {w: [] for w in steps}
     for _ in range(args.rounds):  # alternate: all three see the same machine state
         for which, step in steps.items():
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             times[which].append(time.perf_counter() - t0)
     step_s = {w: sorted(ts)[len(ts) // 2] for w, ts in times.items()}
     matmul = matmul_flops / step_s.pop("matmul")
     del steps
     memory = {}
-    for which in ("ours", "peer"):  # a fresh process each: peak RSS is per process
+    for which in models:  # a fresh process each: peak memory is per process
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-of", which, *(argv if argv is not None else sys.argv[1:])]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         memory[which] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,15 +187,18 @@ def main(argv=None) -> dict:
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "memory_of"},
         "tokens": {"video": nv, "audio": na, "text": nt}, "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "ours": {"step_s": step_s["ours"], "tokens_per_s": tps["ours"], "peak_mb": memory["ours"]["peak_mb"],
                  "params": memory["ours"]["params"]},
-        "peer": {"model": "diffusers.LTX2VideoTransformer3DModel", "step_s": step_s["peer"],
-                 "tokens_per_s": tps["peer"], "peak_mb": memory["peer"]["peak_mb"], "params": memory["peer"]["params"]},
-        "tokens_per_s_ratio": tps["ours"] / tps["peer"],
-        "memory_ratio": memory["ours"]["peak_mb"] / memory["peer"]["peak_mb"],
         "matmul_flops_per_s": matmul, "ours_flops_per_s": ours_flops, "ours_fraction_of_matmul": ours_flops / matmul,
     }
+    if not args.no_peer:
+        result |= {
+            "peer": {"model": "diffusers.LTX2VideoTransformer3DModel", "step_s": step_s["peer"],
+                     "tokens_per_s": tps["peer"], "peak_mb": memory["peer"]["peak_mb"],
+                     "params": memory["peer"]["params"]},
+            "tokens_per_s_ratio": tps["ours"] / tps["peer"],
+            "memory_ratio": memory["ours"]["peak_mb"] / memory["peer"]["peak_mb"]}
     print(json.dumps(result))
     return result
 

@@ -124,14 +124,29 @@ class RankedLoader(StatefulDataLoader):
         return None
 
 
-class AVDataModule(L.LightningDataModule):
-    """Train (and optional validation) clip streams; batching happens inside the streams."""
+def auto_workers(ranks_per_node: int = 1) -> int:
+    """Data workers per rank from the cores this process may use: each rank's share, less one core for its
+    training loop, at least 1 and at most 8 (2 cores, 1 rank: 1; 16 cores, 1 GPU: 8; 64 cores, 8 GPUs: 7)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, ranks_per_node) - 1))
 
-    def __init__(self, train: ClipStream, val: ClipStream | None = None, num_workers: int = 2,
+
+class AVDataModule(L.LightningDataModule):
+    """Train (and optional validation) clip streams; batching happens inside the streams.
+    ``num_workers``: loader processes per rank, or ``"auto"`` (:func:`auto_workers`, from the cores)."""
+
+    def __init__(self, train: ClipStream, val: ClipStream | None = None, num_workers: int | str = "auto",
                  prefetch_factor: int = 2, pin_memory: bool = False):
         super().__init__()
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"data.num_workers={num_workers!r}: give a count >= 0 or 'auto'")
         self.train_stream, self.val_stream = train, val
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+
+    def workers(self) -> int:
+        if self.num_workers != "auto":
+            return self.num_workers
+        return auto_workers(self.trainer.num_devices if self.trainer is not None else 1)
 
     def _loader(self, stream: ClipStream) -> RankedLoader:
         if self.trainer is not None:
@@ -141,7 +156,7 @@ class AVDataModule(L.LightningDataModule):
                 from sora.training.sequence_parallel import data_parallel_rank
 
                 stream.rank, stream.world_size = data_parallel_rank(sp, stream.rank, stream.world_size)
-        workers, rank = self.num_workers, self.trainer.global_rank if self.trainer is not None else 0
+        workers, rank = self.workers(), self.trainer.global_rank if self.trainer is not None else 0
         return RankedLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if workers > 0 else None,
                             persistent_workers=False, worker_init_fn=partial(worker_init, rank=rank))

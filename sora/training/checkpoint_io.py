@@ -12,7 +12,7 @@
   newest intact checkpoint of a run (``last.ckpt``, then the periodic ones), naming each one skipped.
 * Reads never unpickle code: :func:`load_checkpoint_file` is ``torch.load(weights_only=True)``;
   :func:`safe_loading` forces it on the ``torch.load`` calls inside DeepSpeed (which asks for
-  ``weights_only=False``), allowing only DeepSpeed's two data classes; :func:`check_dcp_metadata`
+  ``weights_only=False``), allowing only DeepSpeed's own data classes; :func:`check_dcp_metadata`
   reads a distributed checkpoint's pickled ``.metadata`` with an unpickler that knows only its classes
   before torch unpickles it.
 """
@@ -300,8 +300,11 @@ def safe_loading(path, allowed=()):
 
 
 def deepspeed_globals() -> list:
-    """The data classes DeepSpeed pickles into its optimizer shards (plain attributes, no code)."""
+    """The data classes DeepSpeed pickles into its optimizer shards (plain attributes, no code): the ZeRO
+    stage enum, the loss scalers and ZeRO-1/2's ``fragment_address`` (two ints per parameter slice,
+    in ``param_slice_mappings``)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]

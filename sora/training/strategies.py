@@ -145,7 +145,7 @@ class DeepSpeed(DeepSpeedStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """DeepSpeed's own loads (``weights_only=False``) forced to ``weights_only=True``, allowing only
-        the two data classes DeepSpeed pickles into its optimizer shards."""
+        the data classes DeepSpeed pickles into its optimizer shards (:func:`deepspeed_globals`)."""
         from sora.training.checkpoint_io import deepspeed_globals, safe_loading
 
         check_zero_world_size(checkpoint_path, self.world_size)
