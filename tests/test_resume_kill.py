@@ -33,7 +33,16 @@ def command(run: Path, *extra: str) -> list[str]:
 
 
 def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    """The complete lines: the recorder creates the file, then writes to it, so a poll (or a kill)
+    may find it empty or its last line half written."""
+    path = run / "steps.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
+def last_step(run: Path) -> int:
+    rows = records(run)
+    return rows[-1]["step"] if rows else 0
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +53,7 @@ def runs(tmp_path_factory):
     killed.mkdir()
     proc = subprocess.Popen(command(killed), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while not (killed / "steps.jsonl").exists() or records(killed)[-1]["step"] < 4:
+    while last_step(killed) < 4:
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "the run did not reach step 4"
         time.sleep(0.05)
