@@ -143,7 +143,6 @@ def test_accounting_and_validation():
     assert dual.num_params() > joint.num_params()
     f = joint.estimate_flops_per_token(48, 12, 5)
     assert f > 6 * 0.2 * joint.num_params() / 3
-    assert joint.estimate_mfu(1000.0, (48, 12, 5), 1e12) == pytest.approx(f * 1000.0 / 1e12)
     assert isinstance(joint.blocks, torch.nn.ModuleList) and len(joint.blocks) == 2
     with pytest.raises(ValueError):
         make("late_fusion")

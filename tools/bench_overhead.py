@@ -56,7 +56,8 @@ class StepClock:
 
 def steady(intervals: list[float], warmup: int) -> dict:
     kept = intervals[warmup:]
-    return {"median_s": statistics.median(kept), "mean_s": statistics.fmean(kept), "steps": len(kept)}
+    return {"median_s": statistics.median(kept), "mean_s": statistics.fmean(kept), "steps": len(kept),
+            "first_s": intervals[0]}
 
 
 def bare(overrides: list[str], warmup: int, steps: int) -> dict:

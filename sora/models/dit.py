@@ -238,6 +238,9 @@ class AVDiT(nn.Module):
         self.dim, self.depth, self.heads, self.fusion = dim, depth, heads, fusion
         self.rope_theta, self.rope_scale = tuple(rope_theta), tuple(rope_scale)
         self.checkpoint_activations = checkpoint_activations
+        # drop a text mask with nothing padded (host check, CPU only): SDPA then needs no mask. A
+        # compiled model keeps it, so that its blocks always see one input structure (no recompile)
+        self.drop_full_text_mask = True
         patch_dim = video_channels * patch_size * patch_size
         self.video_embed = nn.Linear(patch_dim, dim)
         self.audio_embed = nn.Linear(audio_channels, dim)
@@ -333,7 +336,7 @@ class AVDiT(nn.Module):
         h, w = self._check_latents(frames, height, width, audio.shape[-1], video_times, audio_times)
         if text_mask is not None:
             text_mask = text_mask.to(torch.bool)
-            if not text_mask.is_cuda and bool(text_mask.all()):  # a free check on the host; CUDA: varlen kernels
+            if self.drop_full_text_mask and not text_mask.is_cuda and bool(text_mask.all()):  # a free check on the host; CUDA: varlen kernels
                 text_mask = None
         video, audio, text = (as_weights(self, x) for x in (video, audio, text))
         x = {
@@ -406,7 +409,3 @@ class AVDiT(nn.Module):
         from sora.models.flops import dit_training_flops
 
         return dit_training_flops(self, video_tokens, audio_tokens, text_tokens) / max(video_tokens + audio_tokens, 1)
-
-    def estimate_mfu(self, tokens_per_second: float, tokens: tuple[int, int, int], peak_flops: float) -> float:
-        """Model FLOPs utilisation given throughput, (video, audio, text) tokens per sample, peak FLOP/s."""
-        return self.estimate_flops_per_token(*tokens) * tokens_per_second / peak_flops

@@ -36,18 +36,23 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def parallelize_dit(dit: nn.Module, activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+def parallelize_dit(dit: nn.Module, activation_checkpointing: bool = False, compile: bool = False,
+                    compile_backend: str = "inductor") -> nn.Module:
     """Apply the switches to an ``AVDiT`` in place and return it.
 
     ``compile`` compiles each transformer block in place (``nn.Module.compile``): the blocks
-    share one structure, so the graph is built once per block shape, and ``state_dict`` keys are
-    unchanged (checkpoints load with or without it).
+    share one structure, so a graph is built once per block kind (the last block's text stream has
+    no output) and grad mode (training, validation/sampling), and ``state_dict`` keys are unchanged
+    (checkpoints load with or without it). The text mask is then always passed, even with nothing
+    padded, so that a batch without padding does not change the blocks' inputs (a recompile).
+    ``compile_backend``: torch.compile's backend (``"eager"``: dynamo's graphs and guards only, for tests).
     """
     if activation_checkpointing:
         dit.checkpoint_activations = True
     if compile:
+        dit.drop_full_text_mask = False
         for block in dit.blocks:
-            block.compile()
+            block.compile(backend=compile_backend, dynamic=True)
     return dit
 
 

@@ -1,0 +1,64 @@
+"""Per-block ``torch.compile`` (``model.compile=true``): one warm-up suffices.
+
+Dynamo's ``eager`` backend builds the same graphs and guards as inductor without the C++ build,
+so the test is quick; ``tools/bench_compile.py`` measures inductor's cold start and speed-up.
+Warm-up = one training step, one validation step and one sample (the Lightning loop's three
+kinds of call); after it, more steps with other captions (other padded lengths, no padding at
+all), another validation and another sample must add no graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch._dynamo.utils import counters
+
+from sora.training.sampling import generate
+from sora.training.strategies import parallelize_dit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_blocks_need_one_warm_up(tmp_path):
+    torch._dynamo.reset()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=quickstart/dit", "model.video_vae_ckpt=null",
+                                          "model.audio_vae_ckpt=null", "data.train.clips=48", "data.num_workers=0",
+                                          "model.dit.depth=2", "data.train.batch_size=4"])
+    torch.manual_seed(0)
+    dm, module = instantiate(cfg.data), instantiate(cfg.model)
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    module.configure_model()
+    parallelize_dit(module.dit, compile=True, compile_backend="eager")
+    train = iter(dm.train_dataloader())
+    val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+
+    def step(i, captions=None):
+        batch = dm.on_after_batch_transfer(next(train), 0)
+        if captions is not None:
+            batch.captions = captions
+        module.train()
+        module.training_step(batch, i).backward()
+        module.eval()
+
+    def validate_and_sample(prompt):
+        with torch.no_grad():
+            module.validation_step(val, 0)
+        generate(module, module.timeline, prompt, "", (32, 32), 2, 4.0, "euler", 1.0, 0, "vocoder")
+
+    step(0)
+    validate_and_sample("a red ball")
+    warm = graphs()
+    assert warm > 0
+    step(1)
+    step(2, ["x" * 200] * 4)  # nothing padded: the mask is kept (not dropped) under compile
+    step(3, ["a", "a much longer caption than the others", "b", "c"])
+    validate_and_sample("two balls, a blue one and a yellow one, bounce on a green floor")
+    assert graphs() == warm, f"{graphs() - warm} graphs built after the warm-up"
