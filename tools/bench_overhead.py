@@ -31,27 +31,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null"]
 
 
-class StepClock:
-    """A Lightning callback: ``time.perf_counter()`` at every train batch end, written to ``path`` at fit end."""
+class StepClock(Callback):
+    """``time.perf_counter()`` at every train batch end, written to ``path`` at fit end."""
 
-    def __new__(cls, path: str):  # a Callback subclass built lazily: this file imports no Lightning at the top
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self, path: str):
+        self.path, self.stamps = path, []
 
-        class _Clock(Callback):
-            def __init__(self):
-                self.stamps: list[float] = []
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.stamps.append(time.perf_counter())
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                self.stamps.append(time.perf_counter())
-
-            def on_fit_end(self, trainer, pl_module):
-                Path(path).write_text(json.dumps(self.stamps))
-
-        return _Clock()
+    def on_fit_end(self, trainer, pl_module):
+        Path(self.path).write_text(json.dumps(self.stamps))
 
 
 def steady(intervals: list[float], warmup: int) -> dict:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from sora.models.distributions import DiagonalGaussian  # re-exported
-from sora.models.dtypes import as_weights
+from sora.models.dtypes import as_weights, at_least_float32
 
 LOG_EPS = 1e-5
 STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (256, 64, 256))  # (n_fft, hop, win)
@@ -72,23 +72,19 @@ class MelSpectrogram(nn.Module):
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         self.center_freqs = centres  # Hz, one per mel bin
 
-    @property
-    def dsp_dtype(self) -> torch.dtype:
-        """The buffers' dtype, at least float32 (float64 when the module was made double)."""
-        return torch.promote_types(self.window.dtype, torch.float32)
-
     def magnitude(self, wave):
         """|STFT| [B, n_fft // 2 + 1, N // hop] with the centred framing described above."""
         if wave.dim() == 3:
             wave = rearrange(wave, "b 1 n -> b n")
-        # at least float32 whatever a strategy cast the module to (bf16 STFTs lose the quiet bins)
-        dt = self.dsp_dtype
-        spec = torch.stft(wave.to(dt), self.n_fft, self.hop, window=self.window.to(dt),
+        # at least float32 whatever a strategy cast the module to (bf16 STFTs lose the quiet bins);
+        # float64 when the module was made double
+        window = at_least_float32(self.window)
+        spec = torch.stft(wave.to(window.dtype), self.n_fft, self.hop, window=window,
                           center=True, pad_mode="reflect", return_complex=True)
         return spec.abs()[..., : wave.shape[-1] // self.hop]
 
     def forward(self, wave):
-        mel = torch.einsum("mf,bft->bmt", self.mel_basis.to(self.dsp_dtype), self.magnitude(wave))
+        mel = torch.einsum("mf,bft->bmt", at_least_float32(self.mel_basis), self.magnitude(wave))
         return torch.log(torch.clamp(mel, min=LOG_EPS))
 
 
@@ -311,8 +307,7 @@ def stft_magnitude(x, n_fft, hop, win_length):
     """|STFT| [B, frames, bins] (centred, Hann), floored at 1e-7 power as Parallel WaveGAN; float32."""
     if x.dim() == 3:
         x = rearrange(x, "b 1 n -> b n")
-    if x.dtype in (torch.float16, torch.bfloat16):  # a loss: float32 whatever the vocoder computed in
-        x = x.float()
+    x = at_least_float32(x)  # a loss: float32 whatever the vocoder computed in
     window = torch.hann_window(win_length, device=x.device, dtype=x.dtype)
     spec = torch.stft(x, n_fft, hop, win_length, window=window, return_complex=True)
     mag = torch.sqrt(torch.clamp(spec.real ** 2 + spec.imag ** 2, min=1e-7))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from sora.models.dtypes import at_least_float32
+
 
 class DiagonalGaussian:
-    """Posterior N(mean, exp(logvar)) from encoder moments [B, 2C, ...] split on channels; float32
-    whatever the encoder computed in (latents, samples and the KL are float32)."""
+    """Posterior N(mean, exp(logvar)) from encoder moments [B, 2C, ...] split on channels; at least
+    float32 whatever the encoder computed in (latents, samples and the KL; float64 stays float64)."""
 
     def __init__(self, moments: torch.Tensor):
-        self.mean, logvar = moments.float().chunk(2, dim=1)
+        self.mean, logvar = at_least_float32(moments).chunk(2, dim=1)
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 

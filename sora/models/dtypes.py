@@ -19,3 +19,9 @@ def weights_dtype(module: nn.Module) -> torch.dtype:
 def as_weights(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` in ``module``'s weights' dtype (a no-op when they agree, and under autocast: fp32 weights)."""
     return x.to(weights_dtype(module)) if x.is_floating_point() else x
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` promoted to float32 when it is a narrower float (bf16, fp16); float64 stays float64.
+    For what must not lose precision whatever the model computed in: posteriors, STFT/mel DSP, losses."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
