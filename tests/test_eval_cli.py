@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from sora.evaluation.evaluator import reference_clips
@@ -140,3 +141,24 @@ def test_real_baseline_is_other_clips_never_the_references_again(demo, tmp_path)
     proc = _eval(f"samples={_write(evaluation.refs, tmp_path / 'refs')}", f"data={run / 'heldout'}",
                  f"out={tmp_path / 'out'}", "num_samples=7", *SAMPLES_TL, cache=tmp_path / "cache")
     assert proc.returncode != 0 and "give at least 9 clips" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_checkpoint_files_a_run_writes_pass_unquoted_to_every_cli(demo, tmp_path):
+    """``step=3.ckpt`` (as the run names it) typed unquoted to sora-eval, sora-sample and ``ckpt_path=``, and a
+    prompt with a comma unquoted: Hydra's grammar refuses both ('=' and ', ' in a value) unless quoted."""
+    run, _ = demo
+    step3 = run / "dit" / "checkpoints" / "step=3.ckpt"
+    assert step3.is_file()
+    _ok(_eval(f"ckpt={step3}", f"data={run / 'heldout'}", f"out={tmp_path / 'eval'}", "num_samples=2", "steps=2",
+              "task=v2a", cache=tmp_path / "cache"))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["what"].endswith("step=3.ckpt (step 3)")
+    out = tmp_path / "two_balls.mp4"
+    _ok(run_cli("-m", "sora.cli.sample", f"ckpt={step3}", "prompt=two balls, a blue one and a yellow one",
+                "seconds=1", "steps=2", f"out={out}"))
+    assert out.stat().st_size > 0
+    overrides = [o for o in yaml.safe_load((run / "dit" / ".hydra" / "overrides.yaml").read_text())
+                 if not o.startswith(("trainer.max_steps=", "ckpt_path="))]
+    resumed = tmp_path / "resumed"
+    _ok(run_cli("-m", "sora.cli.train", *overrides, f"hydra.run.dir={resumed}", "trainer.max_steps=4",
+                f"ckpt_path={step3}"))
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4

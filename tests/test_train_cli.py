@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sora.cli.train import quote_values
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
@@ -139,3 +143,26 @@ def test_bad_config_fails_in_one_line_naming_the_key(tmp_path):
 def test_tensorboard_logger_writes_events(tmp_path):
     _ok(_train(tmp_path / "tb", "experiment=quickstart/video_vae", "logger=tensorboard", "trainer.max_steps=2"))
     assert list((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(list("ab/._-= ,0")), min_size=1, max_size=30).map("".join))
+def test_quote_values_makes_hydra_read_the_value_as_typed(value):
+    """Whatever quote_values quotes, Hydra's override parser reads back as the typed text; what it leaves
+    alone is unchanged (Hydra syntax, or values Hydra reads as they are)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    arg = f"ckpt={value}"
+    (quoted,) = quote_values([arg])
+    if quoted == arg:
+        assert "=" not in value and "," not in value
+        return
+    assert OverridesParser.create().parse_overrides([quoted])[0].value() == value
+
+
+def test_quote_values_leaves_hydra_syntax_and_sweeps_alone():
+    kept = ["size=[32, 32]", "prompt='a, b'", "x=${a.b}", "model.lr=choice(1e-3, 3e-3)", "ckpt_path=last", "--cfg"]
+    assert quote_values(kept) == kept
+    assert quote_values(["-m", "model.lr=1e-3, 3e-3"]) == ["-m", "model.lr=1e-3, 3e-3"]  # a sweep
+    assert quote_values(["prompt=two balls, a blue one", "ckpt=run/step=4.ckpt"]) == [
+        "prompt='two balls, a blue one'", "ckpt='run/step=4.ckpt'"]

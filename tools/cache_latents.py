@@ -81,7 +81,7 @@ def compose(overrides: list[str]):
 
     from sora.cli.train import CONFIGS, check_overrides
 
-    check_overrides(overrides, prog=PROG)
+    overrides = check_overrides(overrides, prog=PROG)
     with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = hydra_compose("train", overrides=list(overrides))
     if not str(cfg.model.get("_target_", "")).endswith("DiTModule"):

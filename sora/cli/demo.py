@@ -306,7 +306,7 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     from sora.cli.train import check_overrides
 
-    check_overrides(sys.argv[1:], config="demo", prog="sora-demo")
+    sys.argv[1:] = check_overrides(sys.argv[1:], config="demo", prog="sora-demo")
     hydra_main()
 
 

@@ -331,7 +331,7 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     from sora.cli.train import check_overrides
 
-    check_overrides(sys.argv[1:], config="eval", prog="sora-eval", configs=CONFIGS)
+    sys.argv[1:] = check_overrides(sys.argv[1:], config="eval", prog="sora-eval", configs=CONFIGS)
     hydra_main()
 
 

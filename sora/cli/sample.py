@@ -263,7 +263,7 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     from sora.cli.train import check_overrides
 
-    check_overrides(sys.argv[1:], config="sample", prog="sora-sample")
+    sys.argv[1:] = check_overrides(sys.argv[1:], config="sample", prog="sora-sample")
     hydra_main()
 
 

@@ -187,10 +187,30 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-def check_overrides(args: list[str], config: str = "train", prog: str = "sora-train", configs: str = CONFIGS) -> None:
-    """Compose the config once before Hydra's main so that a bad key or value is one line."""
+def quote_values(args: list[str]) -> list[str]:
+    """``key=value`` arguments whose value Hydra's grammar would refuse unquoted, single-quoted: a path
+    with ``=`` (``ckpt=run/checkpoints/step=4000.ckpt``, as the run names its checkpoints) and text
+    with a comma (``prompt=two balls, a blue one``: else an ambiguous sweep; not under ``--multirun``).
+    Values that already hold quotes, brackets, braces, parentheses (sweeps: ``choice(1e-3, 3e-3)``)
+    or interpolations are Hydra syntax and stay as typed."""
+    sweep = any(a in ("-m", "--multirun") for a in args)  # there a comma separates the sweep's values
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if (eq and not arg.startswith("-") and ("=" in value or ("," in value and not sweep))
+                and not any(c in value for c in "'\"[]{}()$\\")):
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+def check_overrides(args: list[str], config: str = "train", prog: str = "sora-train",
+                    configs: str = CONFIGS) -> list[str]:
+    """Before Hydra's main: quote the values that need it (:func:`quote_values`), then compose the config
+    once so that a bad key or value is one line. Returns the quoted arguments (for ``sys.argv``)."""
+    args = quote_values(args)
     if any(a.startswith("-") for a in args):  # Hydra's own flags (--multirun, --cfg, ...): Hydra reports
-        return
+        return args
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -203,6 +223,7 @@ def check_overrides(args: list[str], config: str = "train", prog: str = "sora-tr
         lines = [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith(
             ("full_key:", "object_type=", "reference_type="))]
         raise SystemExit(f"{prog}: error in the config: " + " ".join(lines)) from None
+    return args
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
@@ -213,7 +234,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    check_overrides(sys.argv[1:])
+    sys.argv[1:] = check_overrides(sys.argv[1:])
     hydra_main()
 
 
