@@ -235,3 +235,11 @@ def test_rank_and_world_size_come_from_torchrun_or_slurm(monkeypatch):
     assert (args.rank, args.world_size) == (1, 2)
     with pytest.raises(SystemExit, match=r"--rank 5 is not in \[0, --world-size 4\)"):
         cache_latents.parse(["out", "--rank", "5"])
+
+
+def test_default_workers_auto_as_sora_train_counts_them(tmp_path):
+    """data.num_workers defaults to "auto" (from the cores): the cache's loader resolves it as the data module does
+    (a DataLoader given the string failed: `make demo` stopped at its latents stage)."""
+    overrides = [o for o in TINY if not o.startswith("data.num_workers=")]
+    assert cache_latents.main([str(tmp_path / "auto"), *overrides, "--max-clips", "2"]) == 0
+    assert list((tmp_path / "auto").glob("latents-*.tar"))

@@ -63,3 +63,11 @@ def test_the_cli_says_it_in_one_line():
     with pytest.raises(SystemExit) as e:
         checked(config(*DIT, "model.dit.heads=3"))
     assert str(e.value).startswith("sora-train: error in model.dit.heads=3: ")
+
+
+def test_a_sweep_objective_needs_a_validation_within_max_steps():
+    says = error(*DIT, "optimized_metric=val/loss", "trainer.max_steps=50", "trainer.val_check_interval=100")
+    assert says == ("optimized_metric=val/loss: this run never validates (trainer.max_steps=50 < "
+                    "trainer.val_check_interval=100); set trainer.val_check_interval=50 or less")
+    check(config(*DIT, "optimized_metric=val/loss", "trainer.max_steps=100", "trainer.val_check_interval=100"))
+    check(config(*DIT, "trainer.max_steps=50", "trainer.val_check_interval=100"))  # no objective: no validation needed

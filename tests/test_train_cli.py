@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sora.cli.train import quote_values
+from sora.cli.overrides import check_overrides, quote_values
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
@@ -126,7 +126,7 @@ def test_bad_config_fails_in_one_line_naming_the_key(tmp_path):
     proc = _train(tmp_path / "a", "experiment=quickstart/video_vae", "trainer.max_stepz=3")
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "trainer.max_stepz" in proc.stderr
+    assert "no key trainer.max_stepz; did you mean trainer.max_steps?" in proc.stderr
     # a key the constructor does not take: one line naming the config part and the key
     from omegaconf import OmegaConf
 
@@ -166,3 +166,36 @@ def test_quote_values_leaves_hydra_syntax_and_sweeps_alone():
     assert quote_values(["-m", "model.lr=1e-3, 3e-3"]) == ["-m", "model.lr=1e-3, 3e-3"]  # a sweep
     assert quote_values(["prompt=two balls, a blue one", "ckpt=run/step=4.ckpt"]) == [
         "prompt='two balls, a blue one'", "ckpt='run/step=4.ckpt'"]
+
+
+@pytest.mark.parametrize("args, config, says", [
+    (["trainer.max_step=50"], "train", "no key trainer.max_step; did you mean trainer.max_steps? (a new key: +trainer.max_step=50)"),
+    (["experiment=quickstart/video_vae", "model.lrr=3"], "train", "no key model.lrr; did you mean model.lr?"),
+    (["traner.max_steps=3"], "train", "did you mean trainer.max_steps?"),
+    (["foo=3"], "train", "no key foo; no existing key is close to it (a new key: +foo=3)"),
+    (["promt=hi"], "sample", "no key promt; did you mean prompt or prompts?"),
+    (["experiment=quickstart/dti"], "train", "no experiment 'quickstart/dti'; did you mean quickstart/dit? "
+                                             "the experiment options: quickstart/audio_vae,"),
+    (["strategy=deepspeed"], "train", "no strategy 'deepspeed'; did you mean deepspeed_stage_3? the strategy options: ddp,"),
+])
+def test_a_typo_names_the_closest_keys_or_the_options(args, config, says):
+    """Hydra's own hint for an unknown key ("to append use +key") would add a useless key: the error names
+    the keys that exist nearby, and an unknown group option lists the options."""
+    with pytest.raises(SystemExit) as e:
+        check_overrides(args, config=config, prog="sora-x")
+    assert str(e.value).startswith("sora-x: error in the config: ") and says in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+    assert check_overrides(["seed=1", "prompt=a, b"], config="sample") == ["seed=1", "prompt='a, b'"]
+
+
+def test_help_lists_only_the_groups_each_command_composes():
+    proc = subprocess.run([sys.executable, "-m", "sora.cli.train", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    groups = {line.split(":")[0] for line in proc.stdout.split("== Config (")[0].splitlines()[2:] if ":" in line}
+    assert groups == {"timeline", "data", "model", "trainer", "logger", "callbacks", "strategy", "experiment",
+                      "hparams_search"}, proc.stdout
+    assert "strategy: ddp, deepspeed_stage_2" in proc.stdout and "\nseed: 0" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "sora.cli.demo", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and "preset: gpu, long" in proc.stdout and "strategy:" not in proc.stdout, proc.stdout

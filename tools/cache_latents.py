@@ -79,7 +79,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sora.cli.train import CONFIGS, check_overrides
+    from sora.cli.overrides import CONFIGS, check_overrides
 
     overrides = check_overrides(overrides, prog=PROG)
     with initialize_config_dir(CONFIGS, version_base="1.3"):
@@ -222,7 +222,11 @@ def main(argv=None) -> int:
     stream.rank, stream.world_size = args.rank, args.world_size
     if args.batch_size:
         stream.batch_size = args.batch_size
-    workers = cfg.data.get("num_workers", 0) if args.workers is None else args.workers
+    workers = cfg.data.get("num_workers", "auto") if args.workers is None else args.workers
+    if workers == "auto":  # as sora-train's data module counts them (this process is one rank)
+        from sora.data.datamodule import auto_workers
+
+        workers = auto_workers()
     loader = DataLoader(stream, batch_size=None, num_workers=workers)
     buckets = {(b.height, b.width): i for i, b in enumerate(stream.buckets)}
     total = expected_clips(stream, args.rank, args.world_size, workers)

@@ -37,6 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from sora.cli.overrides import CONFIGS, check_overrides
 from sora.data.pipeline import ClipBatch
 from sora.evaluation.report import (contact_sheet, first_last, plot_losses, read_metrics, sample_sheet, target_rows,
                                     write_report)
@@ -82,7 +83,6 @@ def make_world_shards(shards: Path, clips: int, size: int, seconds: float, fps: 
     stamp.write_text(json.dumps(args))
 
 
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")  # absolute: works from any directory
 QUIET = ["trainer.enable_progress_bar=false"]  # the child's log is a file
 
 
@@ -304,8 +304,6 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from sora.cli.train import check_overrides
-
     sys.argv[1:] = check_overrides(sys.argv[1:], config="demo", prog="sora-demo")
     hydra_main()
 

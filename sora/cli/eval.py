@@ -28,8 +28,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sora.cli import overrides
+from sora.cli.overrides import check_overrides
+
 log = logging.getLogger("sora.eval")
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs" / "eval")  # its own root: `data=` is a key
+CONFIGS = str(Path(overrides.CONFIGS) / "eval")  # its own root: `data=` is a key
 KINDS = {"DiTModule": "dit", "VideoVAEModule": "video_vae", "AudioVAEModule": "audio_vae"}
 
 
@@ -329,8 +332,6 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from sora.cli.train import check_overrides
-
     sys.argv[1:] = check_overrides(sys.argv[1:], config="eval", prog="sora-eval", configs=CONFIGS)
     hydra_main()
 

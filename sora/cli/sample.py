@@ -21,7 +21,7 @@ Besides ``prompt=``:
   the clean condition; the mp4 has the generated picture and the input sound.
 - ``prompts=FILE``: one prompt per (non-blank) line, seed ``seed + i`` for line ``i``; ``out``
   is then a folder (``out=DIR`` -> DIR/000.mp4, DIR/001.mp4, ...) or a pattern with a
-  printf field (``out=clips/ball-%03d.mp4``); default ``samples/``.
+  printf field (``out=clips/ball-%03d.mp4``); default ``outputs/samples/``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sora.cli.overrides import CONFIGS, check_overrides
+
 log = logging.getLogger("sora.sample")
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def read_checkpoint(ckpt_path: str) -> dict:
@@ -156,8 +157,8 @@ def read_video_condition(path: str, timeline, size) -> np.ndarray:
 def output_paths(out: str | None, n: int, batch: bool) -> list[Path]:
     """The mp4 path(s): ``out`` as is for one sample; a folder or a printf pattern for a batch."""
     if not batch:
-        return [Path(out or "sample.mp4")]
-    out = out or "samples"
+        return [Path(out or "outputs/samples/sample.mp4")]
+    out = out or "outputs/samples"
     if "%" in out:
         try:
             paths = [Path(out % i) for i in range(n)]
@@ -261,8 +262,6 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from sora.cli.train import check_overrides
-
     sys.argv[1:] = check_overrides(sys.argv[1:], config="sample", prog="sora-sample")
     hydra_main()
 

@@ -28,9 +28,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sora.cli.overrides import CONFIGS, check_overrides
+
 log = logging.getLogger("sora.train")
 
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")  # absolute: works from any directory
 
 
 def fail(what: str, error: BaseException) -> SystemExit:
@@ -185,45 +186,6 @@ def train(cfg: DictConfig) -> dict:
           + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("train/loss", "val/"))))
     print(f"sora-train: checkpoint {last if last.exists() else 'none'}; run dir {run_dir}")
     return metrics
-
-
-def quote_values(args: list[str]) -> list[str]:
-    """``key=value`` arguments whose value Hydra's grammar would refuse unquoted, single-quoted: a path
-    with ``=`` (``ckpt=run/checkpoints/step=4000.ckpt``, as the run names its checkpoints) and text
-    with a comma (``prompt=two balls, a blue one``: else an ambiguous sweep; not under ``--multirun``).
-    Values that already hold quotes, brackets, braces, parentheses (sweeps: ``choice(1e-3, 3e-3)``)
-    or interpolations are Hydra syntax and stay as typed."""
-    sweep = any(a in ("-m", "--multirun") for a in args)  # there a comma separates the sweep's values
-    out = []
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if (eq and not arg.startswith("-") and ("=" in value or ("," in value and not sweep))
-                and not any(c in value for c in "'\"[]{}()$\\")):
-            arg = f"{key}='{value}'"
-        out.append(arg)
-    return out
-
-
-def check_overrides(args: list[str], config: str = "train", prog: str = "sora-train",
-                    configs: str = CONFIGS) -> list[str]:
-    """Before Hydra's main: quote the values that need it (:func:`quote_values`), then compose the config
-    once so that a bad key or value is one line. Returns the quoted arguments (for ``sys.argv``)."""
-    args = quote_values(args)
-    if any(a.startswith("-") for a in args):  # Hydra's own flags (--multirun, --cfg, ...): Hydra reports
-        return args
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(configs, version_base="1.3"):
-            compose(config, overrides=list(args))
-    except (HydraException, OmegaConfBaseException) as e:
-        text = str(e) or str(e.__cause__ or "") or type(e).__name__
-        lines = [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith(
-            ("full_key:", "object_type=", "reference_type="))]
-        raise SystemExit(f"{prog}: error in the config: " + " ".join(lines)) from None
-    return args
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")

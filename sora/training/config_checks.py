@@ -96,10 +96,22 @@ def check_files(node, key: str = "model") -> None:
         check_files(value, path)
 
 
+def check_validation(cfg: DictConfig) -> None:
+    """A run that must return a validation metric (``optimized_metric``, a sweep's objective) validates at least
+    once: else every trial would end with "no result" after all its training."""
+    name, trainer = cfg.get("optimized_metric"), cfg.get("trainer") or {}
+    every, steps = trainer.get("val_check_interval"), trainer.get("max_steps")
+    if (name and str(name).startswith("val/") and isinstance(every, int) and isinstance(steps, int)
+            and 0 < steps < every):
+        raise ConfigError(f"optimized_metric={name}: this run never validates (trainer.max_steps={steps} < "
+                          f"trainer.val_check_interval={every}); set trainer.val_check_interval={steps} or less")
+
+
 def check(cfg: DictConfig, files: bool = True) -> None:
     """All the checks above (``files=False``: not the files, which a dry run does not read); raises
     :class:`ConfigError` with a one-line message."""
     check_frame_sizes(cfg)
     check_heads(cfg)
+    check_validation(cfg)
     if files:
         check_files(cfg.model, "model")

@@ -400,7 +400,8 @@ def dry_run(cfg) -> dict | None:
         with open_dict(sub):
             sub.timeline.seconds = seconds
         timeline = instantiate(sub.timeline)
-        with simulation(lambda: instantiate(model_config(sub)), plan) as (module, tracker):
+        with simulation(lambda: instantiate(model_config(sub)), plan) as (module, tracker), quiet():  # no data: the
+            # first-batch latent statistics, measured on fake latents, would log as "shift nan, scale nan"
             counts = [sum(p.numel() for p in module.parameters() if p.requires_grad in wanted)
                       for wanted in ((True, False), (True,))]
             for h, w in sizes:
