@@ -175,3 +175,8 @@ def test_rmsnorm():
     x = torch.randn(3, 8) * 5
     y = n(x)
     torch.testing.assert_close(y.pow(2).mean(-1), torch.ones(3), atol=1e-3, rtol=1e-3)
+    # over the channels of a (B, C, T, H, W) volume (the video VAE's norm): each position's channels
+    n = A.RMSNorm(6, dim=1)
+    n.weight.data = torch.randn(6)
+    v = torch.randn(2, 6, 3, 4, 5)
+    torch.testing.assert_close(n(v), v * torch.rsqrt(v.pow(2).mean(1, keepdim=True) + 1e-6) * n.weight.view(6, 1, 1, 1))

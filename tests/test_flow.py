@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +11,6 @@ from sora.diffusion.flow import (
     interpolate,
     joint_flow_loss,
     logit_normal_timesteps,
-    resolution_shift,
     sample_task,
     shift_timesteps,
     task_ids,
@@ -78,14 +75,6 @@ def test_shift_one_is_identity():
     t = torch.rand(100, generator=g(4))
     torch.testing.assert_close(shift_timesteps(t, 1.0), t)
 
-
-def test_resolution_shift_anchors_and_growth():
-    assert math.isclose(resolution_shift(256), 1.0)
-    assert math.isclose(resolution_shift(4096), 3.0)
-    mid = resolution_shift(2176)  # halfway: geometric mean of the anchor shifts
-    assert math.isclose(mid, math.sqrt(3.0))
-    values = [resolution_shift(n) for n in (16, 256, 1000, 4096, 10_000)]
-    assert all(a < b for a, b in zip(values, values[1:]))
 
 
 def test_sample_task_frequencies():

@@ -20,7 +20,6 @@ One model learns four tasks from one timestep per modality (and per token for co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -53,34 +52,6 @@ def shift_timesteps(t: torch.Tensor | float, shift: float) -> torch.Tensor | flo
     """
     return shift * t / (1 + (shift - 1) * t)
 
-
-def resolution_shift(
-    num_tokens: int | float,
-    base_tokens: int = 256,
-    base_shift: float = 1.0,
-    max_tokens: int = 4096,
-    max_shift: float = 3.0,
-) -> float:
-    """The shift for a sequence of ``num_tokens`` tokens (Flux's "mu" shifting).
-
-    Flux writes the shifted timestep as ``e^mu t / (e^mu t + 1 - t)``, i.e. ``shift = e^mu`` in
-    :func:`shift_timesteps`, with ``mu`` linear in the token count. Here the anchors are given
-    as shifts, so::
-
-        mu    = log(base_shift) + (num_tokens - base_tokens) / (max_tokens - base_tokens)
-                                  * (log(max_shift) - log(base_shift))
-        shift = exp(mu)
-
-    ``base_tokens -> base_shift``, ``max_tokens -> max_shift``, linear in ``log shift``
-    between them and extrapolated linearly outside (as Flux does), so shorter sequences than
-    ``base_tokens`` get a shift below ``base_shift``. Strictly increasing in ``num_tokens``
-    when ``max_shift > base_shift``.
-    """
-    if max_tokens == base_tokens:
-        raise ValueError("max_tokens must differ from base_tokens")
-    lo, hi = math.log(base_shift), math.log(max_shift)
-    mu = lo + (float(num_tokens) - base_tokens) / (max_tokens - base_tokens) * (hi - lo)
-    return math.exp(mu)
 
 
 # ----------------------------------------------------------------------------- interpolation

@@ -109,31 +109,6 @@ def replace_cond(**values: Any) -> Callable[[Any], Any]:
     return uncond
 
 
-def drop_modality(name: str, seed: int = 0) -> Callable[[Any, Any, Any], XTCond]:
-    """A condition dropper for :func:`modality_cfg` that removes modality ``name`` as a condition.
-
-    The model then sees that modality as unknown: pure noise (fixed seed, so the guided field
-    is deterministic) at ``t = 1`` (instead of its clean value at ``t = 0``). ``cond`` is left
-    alone, so the evaluations still batch into one call: the model knows a modality is given
-    from its ``t = 0``, never from ``cond["clean"]`` (which only the sampler reads).
-    """
-
-    def drop(x: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor], cond: Any) -> XTCond:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        xm = x[name]
-        x = dict(x)
-        x[name] = torch.randn(xm.shape, generator=g, dtype=xm.dtype).to(xm.device)
-        t = dict(t)
-        t[name] = torch.ones_like(t[name])
-        return x, t, cond
-
-    return drop
-
-
-def drop_cond(uncond: Callable[[Any], Any]) -> Callable[[Any, Any, Any], XTCond]:
-    """Lift a ``cond -> uncond`` (as given to :func:`cfg`) to a dropper for :func:`modality_cfg`."""
-    return lambda x, t, cond: (x, t, uncond(cond))
-
 
 # ----------------------------------------------------------------------------- guidance
 
@@ -160,58 +135,5 @@ def cfg(
     def guided(x, t, cond):
         v_c, v_u = _evaluate(model_fn, [(x, t, cond), (x, t, uncond(cond))], batch)
         return _combine([v_c, v_u], lambda vs, k: vs[1] + _scale_for(scale, k) * (vs[0] - vs[1]))
-
-    return guided
-
-
-def modality_cfg(
-    model_fn: ModelFn,
-    scales: Mapping[str, float],
-    drop: Mapping[str, Callable[[Any, Any, Any], XTCond]],
-    mode: str = "nested",
-    batch: bool = True,
-) -> ModelFn:
-    """Guidance with a separate scale per condition (text, the other modality, ...).
-
-    ``drop[name](x, t, cond) -> (x, t, cond)`` removes condition ``name`` (:func:`drop_cond`
-    for text, :func:`drop_modality` for a clean audio / video condition). Conditions are taken
-    in the order of ``scales``. With ``C_k`` = the first ``k`` conditions kept, the rest dropped:
-
-    - ``mode="nested"`` (InstructPix2Pix)::
-
-          v = v(C_0) + sum_k s_k * (v(C_k) - v(C_{k-1}))
-
-      e.g. ``scales={"audio": s_a, "text": s_t}`` gives
-      ``v(∅,∅) + s_a (v(a,∅) - v(∅,∅)) + s_t (v(a,t) - v(a,∅))``.
-    - ``mode="independent"``: drop each condition alone from the full cond::
-
-          v = v(all) + sum_k (s_k - 1) * (v(all) - v(all without k))
-
-    Both use ``n + 1`` evaluations (batched into one call when possible) and reduce to the
-    conditional model when every scale is 1 (and to plain :func:`cfg` for one condition).
-    """
-    names = list(scales)
-    missing = set(names) - set(drop)
-    if missing:
-        raise KeyError(f"no dropper for conditions {sorted(missing)}")
-    if mode not in ("nested", "independent"):
-        raise ValueError(f"mode must be 'nested' or 'independent', got {mode!r}")
-    s = [float(scales[n]) for n in names]
-
-    def apply(x, t, cond, dropped: Sequence[str]) -> XTCond:
-        for n in dropped:
-            x, t, cond = drop[n](x, t, cond)
-        return x, t, cond
-
-    def guided(x, t, cond):
-        if mode == "nested":
-            calls = [apply(x, t, cond, names[k:]) for k in range(len(names) + 1)]  # C_0 .. C_n
-            outs = _evaluate(model_fn, calls, batch)
-            return _combine(outs, lambda vs, _: vs[0] + sum(s[k - 1] * (vs[k] - vs[k - 1])
-                                                             for k in range(1, len(vs))))
-        calls = [(x, t, cond)] + [apply(x, t, cond, [n]) for n in names]
-        outs = _evaluate(model_fn, calls, batch)
-        return _combine(outs, lambda vs, _: vs[0] + sum((s[k] - 1) * (vs[0] - vs[k + 1])
-                                                        for k in range(len(names))))
 
     return guided

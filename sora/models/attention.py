@@ -270,26 +270,18 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # QK norm
 # --------------------------------------------------------------------------------------------
-if hasattr(nn, "RMSNorm"):
-    class RMSNorm(nn.RMSNorm):
-        """Normalises in float32 (also under autocast, where x is bf16 and the weight fp32)."""
+class RMSNorm(nn.RMSNorm):
+    """RMS norm over one dimension, in float32 (also under autocast, where x is bf16 and the weight fp32):
+    ``dim=-1`` the features (the DiT's QK norm), ``dim=1`` the channels of a ``(B, C, T, H, W)`` volume at each
+    position (the video VAE: causal and tile-friendly, unlike GroupNorm)."""
 
-        def __init__(self, dim: int, eps: float = 1e-6):
-            super().__init__(dim, eps=eps)
+    def __init__(self, size: int, eps: float = 1e-6, dim: int = -1):
+        super().__init__(size, eps=eps)
+        self.dim = dim
 
-        def forward(self, x):
-            return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
-else:  # pragma: no cover - older torch
-    class RMSNorm(nn.Module):
-        def __init__(self, dim: int, eps: float = 1e-6):
-            super().__init__()
-            self.eps = eps
-            self.weight = nn.Parameter(torch.ones(dim))
-
-        def forward(self, x):
-            xf = x.float()
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return xf.to(x.dtype) * self.weight
+    def forward(self, x):
+        y = F.rms_norm(x.float().movedim(self.dim, -1), self.normalized_shape, self.weight.float(), self.eps)
+        return y.movedim(-1, self.dim).to(x.dtype)
 
 
 __all__ = ["attention", "select_backend", "sdpa_attention", "varlen_attention", "varlen_keys", "segment_mask",

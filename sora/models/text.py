@@ -189,11 +189,3 @@ class MiniLMTextEncoder(HFTextEncoder):
     def __init__(self, max_len: int = 128, dtype: torch.dtype = torch.float32, device=None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         super().__init__(minilm_path(), max_len=max_len, dtype=dtype, device=device)
-
-
-def build_text_encoder(kind: str = "byte", **kwargs) -> nn.Module:
-    """``"byte" | "hf" | "minilm"`` -> an encoder (for configs that pick one by name)."""
-    kinds = {"byte": ByteTextEncoder, "hf": HFTextEncoder, "minilm": MiniLMTextEncoder}
-    if kind not in kinds:
-        raise ValueError(f"unknown text encoder {kind!r}; choose from {sorted(kinds)}")
-    return kinds[kind](**kwargs)

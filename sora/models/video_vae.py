@@ -29,31 +29,21 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from sora.models.attention import RMSNorm
 from sora.models.distributions import DiagonalGaussian  # re-exported
 from sora.models.dtypes import as_weights
 
 TINY_CONFIG = dict(latent_channels=16, base_channels=8, channel_mult=(1, 2, 4), num_res_blocks=1)
 
 
-class RMSNorm(nn.Module):
-    """RMS norm over channels at each (t, h, w): causal and tile-friendly, unlike GroupNorm."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(channels, 1, 1, 1))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight
-
-
 def make_norm(kind: str, channels: int) -> nn.Module:
-    """``"rms"``: :class:`RMSNorm`; ``"none"``: identity. Without centring, an RMS norm lets a large
+    """``"rms"``: :class:`RMSNorm` over the channels at each (t, h, w); ``"none"``: identity. Without centring, an RMS norm lets a large
     constant (the learnt background) set every position's scale, which squashes what the latent
     adds: on the 32x32 quickstart world a decoder with it learnt the mean frame for 1000 steps,
     without it the balls (experiments/quickstart/README.md)."""
     if kind not in ("rms", "none"):
         raise ValueError(f"norm={kind!r}: choose rms or none")
-    return RMSNorm(channels) if kind == "rms" else nn.Identity()
+    return RMSNorm(channels, dim=1) if kind == "rms" else nn.Identity()
 
 
 class CausalConv3d(nn.Module):
