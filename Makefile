@@ -36,7 +36,7 @@ i3d: $(I3D)
 demo: $(STAMP) $(I3D)
 	SORA_I3D_WEIGHTS=$(I3D) $(BIN)/python -m sora.cli.demo
 
-# the same quickstart, longer (<= 45 min on 2 CPU cores): configs/preset/long.yaml
+# the same quickstart, longer (<= 45 min on 2 CPU cores): sora/configs/preset/long.yaml
 demo-long: $(STAMP) $(I3D)
 	SORA_I3D_WEIGHTS=$(I3D) $(BIN)/python -m sora.cli.demo preset=long run_dir=outputs/demo-long
 

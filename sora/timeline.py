@@ -154,6 +154,29 @@ class Timeline:
         """Index of the frame at (or last before) time ``t`` seconds."""
         return int(math.floor(t * float(self.fps_q) + 1e-9))
 
+    # -- lengths ----------------------------------------------------------------------------
+    @property
+    def quantum(self) -> Fraction:
+        """The shortest clip this timeline allows (1 + k·stride frames and whole audio latent windows);
+        every valid ``seconds`` is a multiple of it."""
+        a = Fraction(self.vae_time_stride) / self.fps_q
+        b = Fraction(self.audio_window, self.sample_rate)
+        return Fraction(math.lcm(a.numerator, b.numerator), math.gcd(a.denominator, b.denominator))
+
+    def fit_seconds(self, duration: float, what: str = "the input") -> float:
+        """``duration`` rounded down to a valid clip length; TimelineError if shorter than :attr:`quantum`."""
+        q = self.quantum
+        k = math.floor(Fraction(duration).limit_denominator(10**6) / q + Fraction(1, 10**6))
+        if k < 1:
+            raise TimelineError(f"{what} lasts {duration:.3f} s, shorter than the shortest clip this timeline "
+                                f"allows (seconds={float(q):g})")
+        return float(k * q)
+
+    def nearest_seconds(self, seconds: float) -> float:
+        """The valid clip length nearest ``seconds`` (at least one :attr:`quantum`)."""
+        q = self.quantum
+        return float(max(1, round(Fraction(float(seconds)).limit_denominator(10**6) / q)) * q)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(num_frames=self.num_frames, num_samples=self.num_samples,

@@ -1,4 +1,4 @@
-"""Latent caching (tools/cache_latents.py, sora/data/latents.py): a cached run sees exactly what a raw
+"""Latent caching (sora-cache-latents, sora/data/latents.py): a cached run sees exactly what a raw
 run sees; caches are split over ranks, refused when stale, and the latent stream resumes exactly."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sora.cli.train import CONFIGS, build
 from sora.data.latents import LatentBatch, LatentClipStream, StaleLatentCache
-from tools import cache_latents
+from sora.cli import cache_latents
 from tests.conftest import SMALL_DIT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_cli_cached_run_equals_raw_run(tmp_path):
     """Through the real CLIs: cache, then a raw and a cached DiT run with the same seed and clip order give
     the same losses at both steps and measure the same latent normalisation on their first batch."""
     cache = tmp_path / "cache"
-    caching = _cli("tools/cache_latents.py", cache, *TINY)
+    caching = _cli("-m", "sora.cli.cache_latents", cache, *TINY)
     raw = _cli("-m", "sora.cli.train", f"hydra.run.dir={tmp_path / 'raw'}", *TINY, *TRAIN)  # meanwhile
     code, out, err = _wait(caching)
     assert code == 0, err[-3000:]
@@ -167,7 +167,7 @@ def test_stale_cache_is_refused(frozen_cache):
         other.encode(batch)
     message = str(e.value)
     assert "\n" not in message and "video_vae (cache" in message and "audio_vae" in message
-    assert "text_encoder" in message and "tools/cache_latents.py" in message
+    assert "text_encoder" in message and "sora-cache-latents" in message
     # a raw setting the cache recorded must match the run's
     with pytest.raises(StaleLatentCache, match=r"data.train.clips=16, but .* from clips=8"):
         LatentClipStream(str(frozen_cache / "latents-*.tar"), stream.timeline, 4, clips=16)

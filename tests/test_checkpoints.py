@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from sora.cli.train import resolve_ckpt
-from sora.training import checkpoint_io
-from sora.training.checkpoint_io import CheckpointError, atomic_folder, check_dcp_metadata, problem, safe_loading
+from sora.checkpoints import io as checkpoint_io
+from sora.checkpoints.io import CheckpointError, atomic_folder, check_dcp_metadata, problem, safe_loading
 from sora.training.strategies import AtomicCheckpointIO, use_atomic_checkpoints
 from tests.conftest import SMALL_DIT
 
@@ -185,7 +185,7 @@ def test_last_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
     for name in ("last.ckpt", "step=3.ckpt"):  # a crash while writing them
         (folder / name).write_bytes((folder / name).read_bytes()[:500])
     (folder / "step=4.ckpt.tmp").write_bytes(b"an interrupted write")
-    with caplog.at_level(logging.WARNING, logger="sora.training.checkpoint_io"):
+    with caplog.at_level(logging.WARNING, logger="sora.checkpoints.io"):
         assert resolve_ckpt("last", tmp_path) == str(folder / "step=2.ckpt")
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping checkpoint")]
     assert len(skipped) == 2 and "last.ckpt: truncated" in skipped[0] and "step=3.ckpt: truncated" in skipped[1]
@@ -200,7 +200,7 @@ def test_a_checkpoint_with_pickled_code_is_refused_by_every_loader(tmp_path):
     from sora.cli.eval import load_checkpoint as eval_load
     from sora.cli.sample import read_checkpoint as sample_load
     from sora.training.dit import stage_weights
-    from sora.training.export import ExportError, read_training_checkpoint
+    from sora.checkpoints.export import ExportError, read_training_checkpoint
     from tools.export_checkpoint import main as export_main
 
     marker = tmp_path / "pwned"
@@ -272,7 +272,7 @@ def test_a_real_checkpoint_loads_weights_only_and_resumes_past_a_truncated_last(
     assert ckpt["global_step"] == 2 and {"EMA", "RNGState"} <= {k.split("{")[0] for k in ckpt["callbacks"]}
 
     (folder / "last.ckpt").write_bytes((folder / "last.ckpt").read_bytes()[:4096])  # killed while writing it
-    with caplog.at_level(logging.WARNING, logger="sora.training.checkpoint_io"):
+    with caplog.at_level(logging.WARNING, logger="sora.checkpoints.io"):
         run_train(run, "trainer.max_steps=3", "ckpt_path=last")
     assert any("skipping checkpoint" in r.getMessage() and "last.ckpt" in r.getMessage() for r in caplog.records)
     resumed = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)

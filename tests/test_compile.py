@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch._dynamo.utils import counters
 
-from sora.training.sampling import generate
+from sora.cli.overrides import CONFIGS
+from sora.inference import AVPipeline
 from sora.training.strategies import parallelize_dit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def graphs() -> int:
 
 def test_compiled_blocks_need_one_warm_up(tmp_path):
     torch._dynamo.reset()
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=quickstart/dit", "model.video_vae_ckpt=null",
                                           "model.audio_vae_ckpt=null", "data.train.clips=48", "data.num_workers=0",
                                           "model.dit.depth=2", "data.train.batch_size=4"])
@@ -51,7 +52,7 @@ def test_compiled_blocks_need_one_warm_up(tmp_path):
     def validate_and_sample(prompt):
         with torch.no_grad():
             module.validation_step(val, 0)
-        generate(module, module.timeline, prompt, "", (32, 32), 2, 4.0, "euler", 1.0, 0, "vocoder")
+        AVPipeline(module, module.timeline, (32, 32)).generate(prompt, steps=2, guidance=4.0)
 
     step(0)
     validate_and_sample("a red ball")

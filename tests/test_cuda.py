@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sora.training.export import read_training_checkpoint
+from sora.checkpoints.export import read_training_checkpoint
 from tests.test_strategies import REPO, TINY, ckpt_arg
 
 pytestmark = pytest.mark.cuda

@@ -12,12 +12,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sora.cli.overrides import CONFIGS
 from sora.data.datamodule import AVDataModule
 from sora.data.pipeline import ShardClipStream, WorldClipStream
 
 from helpers import KeyRecorder
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def _compose(overrides):

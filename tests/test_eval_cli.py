@@ -115,7 +115,7 @@ def test_bad_inputs_fail_in_one_line(demo, tmp_path):
              ((f"ckpt={tmp_path / 'nope.ckpt'}", f"data={run / 'heldout'}"), "no such file or folder"),
              ((f"ckpt={run / 'dit' / 'checkpoints' / 'last.ckpt'}", f"data={tmp_path / 'nothing'}"), "data="),
              ((f"samples={tmp_path}", f"data={run / 'heldout'}"), "no video files"),
-             ((f"ckpt={run / 'preview.json'}", f"data={run / 'heldout'}"), "is not a checkpoint")]
+             ((f"ckpt={run / 'preview.json'}", f"data={run / 'heldout'}"), "preview.json: truncated, corrupt or not a torch checkpoint")]
     for args, message in cases:
         proc = _eval(*args, f"out={tmp_path / 'out'}", cache=tmp_path / "cache")
         assert proc.returncode != 0

@@ -1,4 +1,4 @@
-"""tools/make_shards.py: folders of videos and generated world clips -> webdataset shards."""
+"""sora-make-shards (sora.cli.make_shards, sora.data.shards): folders of videos and generated world clips -> webdataset shards."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import webdataset as wds
 
 from sora.data.world import clip_seed
 from sora.media import probe_av, read_av, write_av
-from tools.make_shards import main
+from sora.cli.make_shards import main
 
 REPO = Path(__file__).resolve().parents[1]
 H, W, FPS, SR = 48, 64, 24.0, 16000
@@ -128,7 +128,7 @@ def test_mixed_folder_keeps_good_and_names_broken(videos, mixed_run):
 def test_subprocess_with_two_workers_matches_one_worker(videos, mixed_run, tmp_path):
     root, manifest = videos
     out = tmp_path / "shards"
-    proc = subprocess.run([sys.executable, "tools/make_shards.py", str(root), str(out), "--captions",
+    proc = subprocess.run([sys.executable, "-m", "sora.cli.make_shards", str(root), str(out), "--captions",
                            str(manifest), "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "written 4 samples" in proc.stdout and proc.stderr.count("skip ") == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sora.cli.overrides import CONFIGS
 from sora.models import attention as A
 from sora.models.dit import AVDiT
 from sora.timeline import Timeline
@@ -193,12 +194,10 @@ def test_packed_stream_is_deterministic_and_resumes_exactly():
 # --------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def dit_module():
-    from pathlib import Path
-
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=quickstart/dit", "model.video_vae_ckpt=null",
                                           "model.audio_vae_ckpt=null", *SMALL_DIT])
     module = instantiate(cfg.model)
@@ -273,7 +272,7 @@ def test_two_packed_training_steps_through_the_cli(tmp_path):
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 2 and all(float(r["train/loss"]) > 0 for r in rows)
 
-    with initialize_config_dir(str(repo / "configs"), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=PACK_OVERRIDES)
     stream = instantiate(cfg.data.train)
     plan = list(stream.plan(0, 0, 1))[:2]  # what the run's one worker trained on

@@ -38,7 +38,7 @@ def test_mixed_folder_to_shards_to_batches(tmp_path):
     good = (src / "world" / "w0.mp4").read_bytes()
     (src / "cut.mp4").write_bytes(good[: len(good) // 3])
 
-    proc = _cli("tools/make_shards.py", src, tmp_path / "shards", "--workers", "2")
+    proc = _cli("-m", "sora.cli.make_shards", src, tmp_path / "shards", "--workers", "2")
     assert proc.returncode == 0, proc.stderr
     for name in ("empty.mp4", "garbage.mkv", "cut.mp4"):
         assert sum(name in line for line in proc.stderr.splitlines()) == 1, proc.stderr
@@ -80,7 +80,7 @@ def test_demo_runs_end_to_end(demo):
         assert (run / stage / "checkpoints" / "last.ckpt").is_file()
         assert f"[{stage}] 3 steps in" in out
     assert f"model.video_vae_ckpt={run / 'video_vae' / 'checkpoints' / 'last.ckpt'}" in out
-    assert f"$ python tools/cache_latents.py {run / 'latents'} experiment=quickstart/dit" in out  # the DiT's latents
+    assert f"$ sora-cache-latents {run / 'latents'} experiment=quickstart/dit" in out  # the DiT's latents
     assert "[latents] 16 clips in" in out and f"data.train.urls={run / 'latents' / 'latents-*.tar'}" in out
     assert out.count(f"$ sora-sample ckpt={run / 'dit' / 'checkpoints' / 'last.ckpt'}") == len(prompts)
 

@@ -15,10 +15,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from sora.cli.sample import load_module
+from sora.cli.overrides import CONFIGS
 from sora.data.pipeline import ClipBatch
 from sora.media import probe_av, read_av
-from sora.training.sampling import from_uint8, generate
+from sora.inference import AVPipeline, PipelineError
+from sora.inference.pipeline import from_uint8
 from tests.conftest import SMALL_DIT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dit_ckpt(tmp_path_factory):
     """A checkpoint as sora-train writes it for the quickstart DiT (random VAEs, one measured batch)."""
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=quickstart/dit", "model.video_vae_ckpt=null",
                                           "model.audio_vae_ckpt=null", *SMALL_DIT])
     with open_dict(cfg):  # the parts that need a Hydra run (${hydra:...}); sample reads timeline/data/model
@@ -51,18 +52,22 @@ def dit_ckpt(tmp_path_factory):
 
 
 def test_generate_is_seeded_and_follows_the_requested_length(dit_ckpt):
-    module, cfg, tl = load_module(str(dit_ckpt), seconds=2.0, use_ema=True, device="cpu")
-    assert tl.num_frames == 17 and module.video_times.shape == (tl.video_latent_steps,)
-    run = lambda seed, **kw: generate(module, tl, "a red ball", "", (32, 32), 3, kw.get("g", 3.0),  # noqa: E731
-                                      kw.get("sampler", "euler"), 1.0, seed, kw.get("dec", "vocoder"))
+    pipe = AVPipeline.from_checkpoint(str(dit_ckpt), seconds=2.0)
+    module, tl = pipe.module, pipe.timeline
+    assert tl.num_frames == 17 and module.video_times.shape == (tl.video_latent_steps,) and pipe.size == (32, 32)
+
+    def run(seed, g=3.0, sampler="euler", dec="vocoder"):
+        clip = pipe.generate("a red ball", steps=3, guidance=g, sampler=sampler, seed=seed, audio_decoder=dec)
+        return clip.frames, clip.audio, clip.latents
+
     frames, audio, z = run(0)
     assert frames.shape == (17, 32, 32, 3) and frames.dtype == np.uint8 and audio.shape == (1, 32000)
     assert np.array_equal(run(0)[0], frames) and not np.array_equal(run(1)[0], frames)
     assert not np.array_equal(run(0, g=1.0)[0], frames)  # guidance changes the result
     frames_h, audio_gl, _ = run(0, sampler="heun", dec="griffin_lim")
     assert audio_gl.shape == (1, 32000) and np.abs(audio_gl).max() > 0
-    with pytest.raises(SystemExit, match="seconds"):
-        load_module(str(dit_ckpt), seconds=1.1, use_ema=True, device="cpu")
+    with pytest.raises(PipelineError, match=r"seconds=1.1 does not fit .* use a multiple of 1 s, e.g. seconds=1$"):
+        AVPipeline.from_checkpoint(str(dit_ckpt), seconds=1.1)
 
 
 def test_sample_cli_writes_an_mp4_with_sound(dit_ckpt, tmp_path):
@@ -91,7 +96,7 @@ def test_sample_cli_writes_an_mp4_with_sound(dit_ckpt, tmp_path):
 def run_sample(dit_ckpt, *overrides):
     from sora.cli.sample import sample
 
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("sample", overrides=[f"ckpt={dit_ckpt}", "steps=2", "guidance=2", "device=cpu", *overrides])
     return sample(cfg)
 
@@ -132,8 +137,13 @@ def test_v2a_keeps_the_input_video_and_generates_its_sound(dit_ckpt, av_input, t
     assert got.audio.shape == (1, 18000) and got.audio_mask[:16000].all()
     assert np.abs(got.audio[0, :16000]).max() > 1e-3  # generated, not silence
     # the sound is sampled with the video as its clean condition: another video, other sound (same seed)
-    module, _, tl = load_module(str(dit_ckpt), seconds=1.0, use_ema=True, device="cpu")
-    run = lambda v: generate(module, tl, "", "", (32, 32), 2, 1.0, "euler", 1.0, 0, "vocoder", video=v)  # noqa: E731
+    pipe = AVPipeline.from_checkpoint(str(dit_ckpt), seconds=1.0)
+    module = pipe.module
+
+    def run(v):
+        clip = pipe.generate(steps=2, guidance=1.0, video=v)
+        return clip.frames, clip.audio, clip.latents
+
     frames, audio, z = run(ref)
     assert np.array_equal(frames, ref) and audio.shape == (1, 16000)
     with torch.no_grad():  # the video latent stayed the clean encoding of the input (t = 0 throughout)
@@ -221,5 +231,5 @@ def test_sample_errors_are_one_line(dit_ckpt, av_input, tmp_path):
         run_sample(other)
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"junk")
-    with pytest.raises(SystemExit, match="is not a checkpoint"):
+    with pytest.raises(SystemExit, match=r"^sora-sample: .*junk.ckpt: truncated, corrupt or not a torch checkpoint"):
         run_sample(junk)

@@ -12,8 +12,10 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from sora.cli.overrides import CONFIGS
+from sora.data.datamodule import data_parallel_rank
 from sora.models.dit import AVDiT
-from sora.training.sequence_parallel import (apply_sequence_parallel, check_sequence_parallel, data_parallel_rank,
+from sora.training.sequence_parallel import (apply_sequence_parallel, check_sequence_parallel,
                                              sequence_parallel_size, shard)
 from tests.conftest import SMALL_DIT
 
@@ -33,7 +35,7 @@ def test_head_divisibility_is_checked_with_the_key_and_the_fix():
 
 
 def _model_cfg(*overrides):
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=quickstart/dit", "model.video_vae_ckpt=null",
                                           "model.audio_vae_ckpt=null", *SMALL_DIT, *overrides])
     return cfg.model

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sora.training.export import checkpoint_kind, read_export, read_training_checkpoint
+from sora.cli.overrides import CONFIGS
+from sora.checkpoints.export import checkpoint_kind, read_export, read_training_checkpoint
 from tests.conftest import SMALL_DIT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +144,13 @@ def test_strategy_trains_resumes_exports_and_samples(strategy, runs, tmp_path):
 
     info = probe_av(str(mp4))
     assert info.has_audio and (info.height, info.width) == (32, 32)
+    # the training checkpoint itself (a file, or a DeepSpeed / FSDP2 folder), no export step: the same clip
+    direct = tmp_path / "direct.mp4"
+    proc = subprocess.run([sys.executable, "-m", "sora.cli.sample", f"ckpt={last}", "prompt=a ball", "seconds=1",
+                           "steps=2", f"out={direct}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert direct.read_bytes() == mp4.read_bytes()
 
 
 def optimizer_steps(checkpoint: Path) -> set[int]:
@@ -195,7 +203,7 @@ def test_deepspeed_refuses_another_world_size_in_one_line(runs, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("sora-train: error in ckpt_path=") and "written by 2 ranks cannot resume on 1" in last
+    assert last.startswith("sora-train: ckpt_path=") and "written by 2 ranks cannot resume on 1" in last
     assert "Traceback" not in proc.stderr
 
 
@@ -209,7 +217,7 @@ def test_strategy_configs_build_their_strategies():
 
     expected = {"ddp": (DDPStrategy, None), "deepspeed_stage_2": (DeepSpeed, 2), "deepspeed_stage_3": (DeepSpeed, 3),
                 "deepspeed_stage_3_offload": (DeepSpeed, 3), "fsdp": (FSDP2, None)}
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         assert compose("train").get("strategy") is None  # no strategy=: the trainer's own (auto)
         for name, (cls, stage) in expected.items():
             strategy = instantiate(compose("train", overrides=[f"strategy={name}"]).strategy)
@@ -249,7 +257,9 @@ def test_zero_checkpoint_of_another_world_size_is_refused(tmp_path):
         (tmp_path / "checkpoint" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").touch()
     check_zero_world_size(tmp_path, 2)
     check_zero_world_size(tmp_path / "not-a-deepspeed-folder", 1)
-    with pytest.raises(SystemExit, match=r"written by 2 ranks cannot resume on 4: .*trainer.devices x "):
+    from sora.checkpoints.io import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"written by 2 ranks cannot resume on 4: .*trainer.devices x "):
         check_zero_world_size(tmp_path, 4)
 
 
@@ -257,7 +267,7 @@ def test_export_file_round_trip_and_clear_errors(tmp_path):
     from safetensors.torch import save_file
 
     from sora.cli.sample import read_checkpoint
-    from sora.training.export import ExportError, write_export
+    from sora.checkpoints.export import ExportError, write_export
 
     state = {"dit.w": torch.randn(3, 4), "dit.b": torch.randn(4), "video_latent_stats": torch.tensor([0.1, 2.0])}
     ema = {"dit.w": torch.randn(3, 4), "dit.b": torch.randn(4)}
@@ -283,10 +293,11 @@ def test_export_file_round_trip_and_clear_errors(tmp_path):
         checkpoint_kind(tmp_path)
 
 
-def test_sample_points_a_sharded_folder_to_the_export(tmp_path):
+def test_sample_refuses_a_folder_that_is_no_checkpoint_in_one_line(tmp_path):
     from omegaconf import OmegaConf
 
     from sora.cli.sample import sample
 
-    with pytest.raises(SystemExit, match="sharded checkpoint folder .* python tools/export_checkpoint.py"):
-        sample(OmegaConf.create({"ckpt": str(tmp_path)}))
+    with pytest.raises(SystemExit, match="sora-sample: .*neither a DeepSpeed checkpoint .* nor a torch distributed"):
+        sample(OmegaConf.create({"ckpt": str(tmp_path), "video": None, "audio": None, "prompts": None, "prompt": "a",
+                                 "out": None, "device": "cpu", "seconds": None}))

@@ -1,6 +1,6 @@
 """Hydra sweeps of `sora-train`: the basic sweeper (``-m model.lr=a,b``), the Optuna sweeper
 (``hparams_search=optuna_dit``, objective val/loss returned by sora-train) and the summary table of a
-sweep's runs (tools/sweep_summary.py, written when the sweep ends). Sweeps run in subprocesses on the
+sweep's runs (sora.cli.sweep_summary, written when the sweep ends). Sweeps run in subprocesses on the
 tiny DiT with random frozen VAEs, from an empty working directory."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import yaml
 
 from sora.cli.train import objective
 from tests.test_launch import run_dirs, sora_train
-from tools.sweep_summary import main as summary_main
-from tools.sweep_summary import write_summary
+from sora.cli.sweep_summary import main as summary_main
+from sora.cli.sweep_summary import write_summary
 
 
 def trained(sweep: Path, job: str) -> tuple[list[str], dict]:

@@ -116,3 +116,20 @@ def test_frames_not_one_plus_4k():
     with pytest.raises(TimelineError, match="frames must be 1 \\+ 4k"):
         Timeline(seconds=1.0, fps=30)  # 30 frame steps
     assert Timeline(seconds=1.2, fps=30).num_frames == 37
+
+
+@settings(max_examples=60, deadline=None)
+@given(fps=st.sampled_from([8, 16, 24, 25, 30]), stride=st.sampled_from([1, 4, 8]),
+       duration=st.floats(min_value=0.0, max_value=20.0))
+def test_fit_seconds_is_the_longest_valid_length_within_the_input(fps, stride, duration):
+    tl = Timeline(seconds=8.0, fps=fps, vae_time_stride=stride)  # valid for every fps and stride drawn
+    q = tl.quantum
+    if duration < float(q) - 1e-9:
+        with pytest.raises(TimelineError, match="shorter than the shortest clip"):
+            tl.fit_seconds(duration, "video=x.mp4")
+        return
+    fit = tl.fit_seconds(duration)
+    assert fit <= duration + 1e-6 and duration - fit < float(q) + 1e-6
+    assert (Fraction(fit).limit_denominator(10**6) / q).denominator == 1
+    Timeline(seconds=fit, fps=fps, vae_time_stride=stride)  # valid under the contract
+    assert tl.nearest_seconds(fit) == fit

@@ -1,6 +1,6 @@
 """DiT training step on cached latents against raw clips, interleaved in one process.
 
-    python tools/cache_latents.py CACHE OVERRIDES... --workers 0          # first: the cache, in order
+    sora-cache-latents CACHE OVERRIDES... --workers 0          # first: the cache, in order
     python tools/bench_latents.py CACHE OVERRIDES... [--steps 30] [--json OUT]
 
 Builds the run's raw stream and DiT module as ``sora-train`` would (same OVERRIDES as the cache),
@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `sora` and `tools` import
 
 import torch
 
-from tools.cache_latents import build, compose
+from sora.cli.cache_latents import build, compose
 
 
 def batches(stream, n: int) -> tuple[list, float]:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from sora.cli.overrides import CONFIGS
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null"]
 
@@ -61,7 +63,7 @@ def bare(overrides: list[str], warmup: int, steps: int) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     torch.manual_seed(cfg.seed)
     datamodule, module = instantiate(cfg.data), instantiate(cfg.model)

@@ -31,7 +31,8 @@ import warnings
 
 import torch
 
-from sora.training.dry_run import CONFIGS, GIB, clip_batch, model_config, plan_of, quiet, simulate_step, simulation
+from sora.cli.overrides import CONFIGS
+from sora.training.dry_run import GIB, clip_batch, model_config, plan_of, quiet, simulate_step, simulation
 
 
 def rss_kb(name: str) -> int:
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)  # the fresh process
     ap.add_argument("overrides", nargs="*", help="sora-train overrides, e.g. experiment=quickstart/dit")
     args = ap.parse_args(argv)
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=args.overrides)
     size = tuple(int(x) for x in args.size.lower().split("x"))
     if args.measure_only:

@@ -10,7 +10,7 @@ The input is any of:
   and per-rank shards), consolidated to full fp32 weights by DeepSpeed's ``zero_to_fp32``;
 * a torch distributed-checkpoint folder (``strategy=fsdp``: ``.metadata``, ``*.distcp``, ``meta.pt``).
 
-The output (format in :mod:`sora.training.export`) holds the LightningModule's weights under their
+The output (format in :mod:`sora.checkpoints.export`) holds the LightningModule's weights under their
 own names, the EMA under ``ema.<name>``, and the run's config as JSON in the file's metadata;
 ``sora-sample`` and ``sora-eval`` load it without unpickling anything. The input is read with
 ``torch.load(weights_only=True)`` (tensors and plain data only; DeepSpeed's loads forced to it, a
@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 
-from sora.training.export import SUFFIX, ExportError, export_checkpoint
+from sora.checkpoints.export import SUFFIX, ExportError, export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
    audio-video sync of the decoded clips against the world's ground-truth impact times;
 2. train the video VAE, the audio VAE + vocoder, then the DiT on their checkpoints
    (``sora-train experiment=quickstart/<stage> hydra.run.dir=DIR/<stage>``, each a subprocess);
-   with ``stages.dit.latents`` the DiT's clips are first encoded once (``tools/cache_latents.py``
+   with ``stages.dit.latents`` the DiT's clips are first encoded once (``sora-cache-latents``
    into ``DIR/latents``) and the DiT trains on them (``data=latents``);
 3. sample the prompts with ``sora-sample`` into ``DIR/samples/*.mp4``;
 4. ``sora-eval`` on held-out world shards (``DIR/heldout``): the autoencoders' reconstructions
@@ -15,7 +15,7 @@
    stage, and each stage's command, which is also printed as the stage starts.
 
 ``steps=N`` sets every stage's training steps (tests: ``steps=3``); ``stages.<name>.steps`` one;
-``preset=long`` (``make demo-long``) and ``preset=gpu`` are ``configs/preset/*.yaml``.
+``preset=long`` (``make demo-long``) and ``preset=gpu`` are ``sora/configs/preset/*.yaml``.
 """
 
 from __future__ import annotations
@@ -69,17 +69,24 @@ def sync_errors(batch: ClipBatch) -> np.ndarray:
 def make_world_shards(shards: Path, clips: int, size: int, seconds: float, fps: float, sample_rate: int,
                       seed: int) -> None:
     """World shards for the demo; reused while the settings that made them are unchanged."""
-    from tools.make_shards import main as make_shards
+    from sora.data.shards import world_jobs, write_shards
+    from sora.data.world import WorldConfig
 
     args = ["--world", str(clips), str(shards), "--world-size", str(size), "--world-seconds", str(seconds),
-            "--world-fps", str(fps), "--world-sample-rate", str(sample_rate), "--seed", str(seed)]
+            "--world-fps", str(fps), "--world-sample-rate", str(sample_rate), "--seed", str(seed)]  # as sora-make-shards
     stamp = shards / "made_with.json"
     if stamp.exists() and json.loads(stamp.read_text()) == args and sorted(shards.glob("shard-*.tar")):
         log.info("reusing world shards in %s (made with the same settings)", shards)
         return
-    code = make_shards([*args, "--overwrite"])
-    if code != 0:
-        raise SystemExit(f"demo: making world shards in {shards} failed (exit {code})")
+    shards.mkdir(parents=True, exist_ok=True)
+    for old in shards.glob("shard-*.tar"):
+        old.unlink()
+    jobs, opts = world_jobs(clips, seed, WorldConfig(width=size, height=size, fps=fps, seconds=seconds,
+                                                     sample_rate=sample_rate))
+    done = write_shards(jobs, opts, shards, workers=min(4, os.cpu_count() or 1))
+    if done.samples != clips:
+        raise SystemExit(f"demo: making world shards in {shards}: {done.samples} of {clips} clips written "
+                         f"({dict(done.skipped)})")
     stamp.write_text(json.dumps(args))
 
 
@@ -129,7 +136,7 @@ def preview(cfg: DictConfig, out: Path) -> dict:
 
 def run_logged(prog: str, module: str, args: list[str], log_path: Path) -> tuple[float, str]:
     """Print the equivalent command, run ``python -m module args`` with its output in ``log_path``."""
-    command = f"{prog} {shlex.join(args)}"  # prog may be words: "python tools/cache_latents.py"
+    command = f"{prog} {shlex.join(args)}"  # the installed command's name
     print(f"\n$ {command}", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
@@ -158,12 +165,12 @@ def train_stage(cfg: DictConfig, name: str, out: Path, extra: list[str]) -> dict
 
 
 def cache_latents(cfg: DictConfig, out: Path, extra: list[str]) -> tuple[dict, list[str]]:
-    """The DiT's clips encoded once by the frozen VAEs (``tools/cache_latents.py``) into ``DIR/latents``;
+    """The DiT's clips encoded once by the frozen VAEs (``sora-cache-latents``) into ``DIR/latents``;
     returns the stage and the overrides that train the DiT on them (``data=latents``)."""
     stage, cache = cfg.stages.dit, out / "latents"
     shutil.rmtree(cache, ignore_errors=True)  # the VAEs were just retrained: never reuse old latents
     args = [str(cache), f"experiment={stage.experiment}", *extra, *cfg.train_overrides, *stage.overrides]
-    seconds, command = run_logged("python tools/cache_latents.py", "tools.cache_latents", args,
+    seconds, command = run_logged("sora-cache-latents", "sora.cli.cache_latents", args,
                                   out / "logs" / "latents.log")
     info = json.loads((cache / "rank-000.json").read_text())
     print(f"[latents] {info['clips']} clips in {seconds:.1f} s ({info['bytes'] / 1e6:.1f} MB): video "

@@ -46,18 +46,10 @@ def checkpoint_kind(ckpt: dict, path) -> str:
 
 
 def load_checkpoint(path) -> dict:
-    """A Lightning ``.ckpt`` (``weights_only=True``) or a ``.safetensors`` export (tools/export_checkpoint.py)."""
-    from sora.training.checkpoint_io import CheckpointError, load_checkpoint_file
-    from sora.training.export import SUFFIX, ExportError, read_export
+    """Any checkpoint a run wrote (file, DeepSpeed / FSDP2 folder, ``.safetensors`` export): one reader for all."""
+    from sora.cli.checkpoints import read_checkpoint
 
-    try:
-        if str(path).endswith(SUFFIX):
-            return read_export(path)
-        return load_checkpoint_file(str(path))
-    except ExportError as e:
-        raise SystemExit(f"sora-eval: {e}") from None
-    except CheckpointError as e:  # refused (pickled code), truncated, or not a torch file at all
-        raise SystemExit(f"sora-eval: {path} is not a checkpoint it can load: {e.reason}") from None
+    return read_checkpoint(path, "sora-eval")
 
 
 def load_autoencoder(ckpt: dict, use_ema: bool, device):
@@ -68,11 +60,9 @@ def load_autoencoder(ckpt: dict, use_ema: bool, device):
     if "perceptual_weights" in cfg.model:
         cfg.model.perceptual_weights = None  # a training-only loss; its file may not be here
     module = instantiate(cfg.model)
-    state = dict(ckpt["state_dict"])
-    ema = (ckpt.get("callbacks") or {}).get("EMA") or {}
-    if use_ema and ema.get("shadow"):
-        state.update(ema["shadow"])
-    module.load_state_dict(state, strict=False)
+    from sora.cli.checkpoints import model_weights
+
+    module.load_state_dict(model_weights(ckpt, use_ema), strict=False)
     return module.to(device).eval(), cfg
 
 
@@ -131,41 +121,37 @@ class Evaluation:
         return baselines(self.real, self.ref_feats, self.extractors, self.fps, self.sr, self.world, int(self.cfg.seed))
 
 
-def generate_clips(module, timeline, refs, cfg: DictConfig, out: Path) -> list:
+def generate_clips(pipe, refs, cfg: DictConfig, out: Path) -> list:
     """One DiT sample per reference (its caption; its video or audio for v2a / a2v), as mp4s too."""
     from tqdm import tqdm
 
     from sora.evaluation.evaluator import Clip
-    from sora.media import write_av
-    from sora.training.sampling import generate
 
     if cfg.task not in ("t2av", "v2a", "a2v"):
         raise SystemExit(f"sora-eval: task={cfg.task}: choose t2av, v2a or a2v")
     clips = []
     for i, ref in enumerate(tqdm(refs, desc=f"sampling ({cfg.task})", unit="clip")):
-        frames, audio, _ = generate(module, timeline, ref.caption, "", ref.frames.shape[1:3], cfg.steps, cfg.guidance,
-                                    cfg.sampler, 1.0, int(cfg.seed) + i, "vocoder",
-                                    video=ref.frames if cfg.task == "v2a" else None,
-                                    audio=ref.audio[None] if cfg.task == "a2v" else None)
-        audio = np.asarray(audio, np.float32).reshape(-1)
-        path = out / "samples" / f"{i:03d}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_av(path, frames, audio[None], fps=float(timeline.fps_q), sample_rate=timeline.sample_rate)
-        clips.append(Clip(frames, audio, ref.caption, f"{i:03d}"))
+        clip = pipe.generate(ref.caption, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler,
+                             seed=int(cfg.seed) + i, size=ref.frames.shape[1:3],
+                             video=ref.frames if cfg.task == "v2a" else None,
+                             audio=ref.audio[None] if cfg.task == "a2v" else None)
+        clip.audio = np.asarray(clip.audio, np.float32).reshape(1, -1)
+        clip.write(out / "samples" / f"{i:03d}.mp4")
+        clips.append(Clip(clip.frames, clip.audio[0], ref.caption, f"{i:03d}"))
     return clips
 
 
-def evaluate_dit(ckpt_path, ckpt: dict, cfg: DictConfig, extractors, device, out: Path, evaluation=None):
+def evaluate_dit(ckpt: dict, cfg: DictConfig, extractors, device, out: Path, evaluation=None):
     import torch
 
-    from sora.cli.sample import default_size, load_module
     from sora.evaluation.evaluator import clip_batches
+    from sora.inference import AVPipeline
 
-    module, run_cfg, timeline = load_module(str(ckpt_path), cfg.seconds, cfg.use_ema, device, ckpt=ckpt)
-    size = list(cfg.size) if cfg.size is not None else default_size(run_cfg)
+    pipe = AVPipeline.from_checkpoint(ckpt, cfg.seconds, cfg.use_ema, device, size=cfg.size)
+    module, timeline, size = pipe.module, pipe.timeline, list(pipe.frame_size())
     evaluation = evaluation or Evaluation(cfg, timeline, size, extractors)
     t0 = time.perf_counter()
-    clips = generate_clips(module, timeline, evaluation.refs, cfg, out)
+    clips = generate_clips(pipe, evaluation.refs, cfg, out)
     metrics = {"sampling_seconds": time.perf_counter() - t0, **evaluation.score(clips)}
     batches = clip_batches(evaluation.refs, evaluation.fps, evaluation.sr, int(cfg.batch_size))
     with torch.no_grad():
@@ -186,7 +172,7 @@ def evaluate_autoencoder(kind: str, ckpt: dict, cfg: DictConfig, extractors, dev
 
     from sora.evaluation.evaluator import Clip
     from sora.evaluation.recon import mel_distance, psnr, si_sdr, ssim, trivial_psnr
-    from sora.training.sampling import from_uint8, to_uint8
+    from sora.inference.pipeline import from_uint8, to_uint8
 
     module, run_cfg = load_autoencoder(ckpt, cfg.use_ema, device)
     timeline = instantiate(run_cfg.timeline if cfg.seconds is None else
@@ -250,6 +236,7 @@ def run(cfg: DictConfig) -> dict:
 
     from sora.evaluation.evaluator import Extractors
     from sora.evaluation.eval_report import write_eval_report
+    from sora.checkpoints.export import is_checkpoint
 
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise SystemExit("sora-eval: give ckpt=PATH (a checkpoint or a folder of them) or samples=DIR, one of them")
@@ -265,25 +252,25 @@ def run(cfg: DictConfig) -> dict:
     if cfg.samples is not None:
         metrics, evaluation, clips = evaluate_samples(cfg, extractors)
         result.update(what=f"samples={cfg.samples}", metrics=metrics)
-    elif Path(str(cfg.ckpt)).is_dir():
+    elif Path(str(cfg.ckpt)).is_dir() and not is_checkpoint(cfg.ckpt):  # a folder of checkpoints
         rows, evaluation, clips = [], None, None
         for step, path, ckpt in list_checkpoints(Path(str(cfg.ckpt))):
             log.info("checkpoint %s (step %d)", path, step)
             kind = checkpoint_kind(ckpt, path)
             sub = out / f"step_{step:07d}"
             if kind == "dit":
-                metrics, evaluation, clips = evaluate_dit(path, ckpt, cfg, extractors, device, sub, evaluation)
+                metrics, evaluation, clips = evaluate_dit(ckpt, cfg, extractors, device, sub, evaluation)
             else:
                 metrics, evaluation, clips = evaluate_autoencoder(kind, ckpt, cfg, extractors, device, sub, evaluation)
             rows.append({"step": step, "checkpoint": str(path), "kind": kind, "metrics": metrics})
         result.update(what=f"checkpoints in {cfg.ckpt}", checkpoints=rows, metrics=rows[-1]["metrics"])
     else:
-        if not Path(str(cfg.ckpt)).is_file():
+        if not Path(str(cfg.ckpt)).exists():
             raise SystemExit(f"sora-eval: ckpt={cfg.ckpt}: no such file or folder")
         ckpt = load_checkpoint(cfg.ckpt)
         kind = checkpoint_kind(ckpt, cfg.ckpt)
         if kind == "dit":
-            metrics, evaluation, clips = evaluate_dit(cfg.ckpt, ckpt, cfg, extractors, device, out)
+            metrics, evaluation, clips = evaluate_dit(ckpt, cfg, extractors, device, out)
         else:
             metrics, evaluation, clips = evaluate_autoencoder(kind, ckpt, cfg, extractors, device, out)
         result.update(what=f"{kind} checkpoint {cfg.ckpt} (step {ckpt.get('global_step')})", metrics=metrics)
@@ -328,7 +315,13 @@ def _print_summary(result: dict, out: Path) -> None:
 
 @hydra.main(config_path=CONFIGS, config_name="eval", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+    from sora.evaluation.evaluator import DataError
+    from sora.inference import PipelineError
+
+    try:
+        run(cfg)
+    except (DataError, PipelineError) as e:
+        raise SystemExit(f"sora-eval: {e}") from None
 
 
 def main() -> None:

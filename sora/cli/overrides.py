@@ -13,7 +13,7 @@ import difflib
 import re
 from pathlib import Path
 
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")  # absolute: works from any directory
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")  # package data: a checkout or an installed wheel
 
 
 def quote_values(args: list[str]) -> list[str]:

@@ -60,7 +60,7 @@ def resolve_ckpt(ckpt_path, run_dir: Path) -> str | None:
     ones, newest first; a warning names each damaged one skipped); ``auto``: the same, or a fresh start
     when there is none yet. A path (a file, or a DeepSpeed /
     distributed-checkpoint folder) must be intact: a truncated or corrupt one fails here, in one line."""
-    from sora.training.checkpoint_io import CheckpointError, problem, resolve_last
+    from sora.checkpoints.io import CheckpointError, problem, resolve_last
 
     if ckpt_path in (None, ""):
         return None
@@ -141,7 +141,7 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
 
     from sora.training.callbacks import ConfigInCheckpoint
-    from sora.training.checkpoint_io import CheckpointError
+    from sora.checkpoints.io import CheckpointError
     from sora.training.strategies import use_atomic_checkpoints
 
     if logging.getLogger().handlers:  # Hydra's console + train.log handlers: no second copy of each line
@@ -179,7 +179,7 @@ def train(cfg: DictConfig) -> dict:
         raise SystemExit(f"sora-train: {e}") from None
     seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    if trainer.global_rank == 0:  # the run's final metrics, for sweep summaries (tools/sweep_summary.py)
+    if trainer.global_rank == 0:  # the run's final metrics, for sweep summaries (sora.cli.sweep_summary)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     last = run_dir / "checkpoints" / "last.ckpt"
     print(f"sora-train: step {trainer.global_step} in {seconds:.1f} s; "

@@ -131,6 +131,16 @@ def auto_workers(ranks_per_node: int = 1) -> int:
     return max(1, min(8, cores // max(1, ranks_per_node) - 1))
 
 
+def data_parallel_rank(size: int, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel world size) of a rank when groups of ``size`` consecutive
+    ranks share one batch (sequence parallelism): the index to split data (and seed per-sample randomness) by."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if rank is None else rank
+    world = dist.get_world_size() if world is None else world
+    return rank // size, world // size
+
+
 class AVDataModule(L.LightningDataModule):
     """Train (and optional validation) clip streams; batching happens inside the streams.
     ``num_workers``: loader processes per rank, or ``"auto"`` (:func:`auto_workers`, from the cores)."""
@@ -153,8 +163,6 @@ class AVDataModule(L.LightningDataModule):
             stream.rank, stream.world_size = self.trainer.global_rank, self.trainer.world_size
             sp = getattr(self.trainer.lightning_module, "sequence_parallel", 1)
             if sp > 1:  # the ranks of one sequence-parallel group read the same clips
-                from sora.training.sequence_parallel import data_parallel_rank
-
                 stream.rank, stream.world_size = data_parallel_rank(sp, stream.rank, stream.world_size)
         workers, rank = self.workers(), self.trainer.global_rank if self.trainer is not None else 0
         return RankedLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,

@@ -1,6 +1,6 @@
 """Cached latents: a stream of pre-encoded clips, and the checks that keep a cache honest.
 
-``tools/cache_latents.py`` runs a DiT config's frozen encoders over its raw clip stream once and
+``sora-cache-latents`` runs a DiT config's frozen encoders over its raw clip stream once and
 writes webdataset shards, one sample per clip (tensors as ``.npy``, never pickle)::
 
     KEY.video.npy   float32 [Cv, T', h, w]  video VAE posterior mode (un-normalised)
@@ -123,7 +123,7 @@ def check_cache(module, batch: "LatentBatch", text: bool) -> None:
         what = ", ".join(f"{n} (cache {batch.hashes.get(n)}, this run {current[n]})" for n in bad)
         verb = "differ" if len(bad) > 1 else "differs"
         raise StaleLatentCache(f"the latent cache {batch.cache} is stale: {what} {verb}; re-encode it with "
-                               f"tools/cache_latents.py and this run's config")
+                               f"sora-cache-latents and this run's config")
     seen.add(key)
 
 
@@ -203,7 +203,7 @@ def read_manifest(urls: list[str]) -> tuple[Path, dict]:
         path = folder / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"data.train.urls: no {MANIFEST} beside the shards in {folder}: "
-                                    f"not a cache written by tools/cache_latents.py")
+                                    f"not a cache written by sora-cache-latents")
         manifests.append(json.loads(path.read_text()))
     for folder, m in zip(folders[1:], manifests[1:]):
         if m["hashes"] != manifests[0]["hashes"]:
@@ -213,7 +213,7 @@ def read_manifest(urls: list[str]) -> tuple[Path, dict]:
 
 
 class LatentClipStream(ShardClipStream):
-    """Batches of cached latents (:class:`LatentBatch`) from ``tools/cache_latents.py`` shards.
+    """Batches of cached latents (:class:`LatentBatch`) from ``sora-cache-latents`` shards.
 
     ``urls``: the cache's shards (``CACHE/latents-*.tar``); ``timeline`` must be the cache's.
     Shuffling, splitting over ranks and workers, bucketed batching and the exact-resume state are

@@ -246,7 +246,7 @@ class ClipStream(IterableDataset, ABC):
 
 
 class ShardClipStream(ClipStream):
-    """Clips from webdataset shards written by ``tools/make_shards.py`` (or any with a video member).
+    """Clips from webdataset shards written by ``sora-make-shards`` (:mod:`sora.data.shards`) (or any with a video member).
 
     ``urls``: anything webdataset opens (a path, a brace pattern ``shards-{000..009}.tar``,
     ``::``-joined lists, ``pipe:`` commands), a glob, or a list of those.

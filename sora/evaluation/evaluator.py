@@ -47,6 +47,10 @@ class Clip:
 
 
 # -- reading clips ------------------------------------------------------------------------------
+class DataError(ValueError):
+    """Held-out data that cannot be read (``data=...: why``): sora-eval prints it as one line."""
+
+
 def reference_clips(urls, timeline, size, count: int, seed: int = 0, batch_size: int = 8) -> list[Clip]:
     """The first ``count`` clips of a shard set in order (deterministic windows given ``seed``,
     centre crops of ``size``)."""
@@ -63,7 +67,7 @@ def reference_clips(urls, timeline, size, count: int, seed: int = 0, batch_size:
         if len(clips) >= count:
             break
     if not clips:
-        raise SystemExit(f"sora-eval: data={urls}: no readable clip of {timeline.seconds:g} s")
+        raise DataError(f"data={urls}: no readable clip of {timeline.seconds:g} s")
     return clips[:count]
 
 
@@ -121,7 +125,7 @@ def data_files(urls) -> list[Path]:
             out += [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
     missing = [str(p) for p in out if not p.is_file()]
     if missing or not out:
-        raise SystemExit(f"sora-eval: data={urls}: no such shard file {missing[0] if missing else '(no .tar)'}")
+        raise DataError(f"data={urls}: no such shard file {missing[0] if missing else '(no .tar)'}")
     return out
 
 

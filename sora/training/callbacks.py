@@ -295,24 +295,23 @@ class Samples(Callback):
             return
         from pathlib import Path
 
-        from sora.media import write_av
-        from sora.training.sampling import generate
+        from sora.inference import AVPipeline
 
-        tl = pl_module.timeline
         size = self.size or getattr(self, "_size", None)
         if size is None:
             raise ValueError("Samples: give size=[H, W] (the frame size to generate)")
+        pipe = AVPipeline(pl_module, pl_module.timeline, size)
         out = Path(self.dirpath)
         out.mkdir(parents=True, exist_ok=True)
         was_training = pl_module.training
         pl_module.eval()
         paths = []
         for i, prompt in enumerate(self.prompts):
-            frames, audio, _ = generate(pl_module, tl, prompt, "", size, self.steps, self.guidance, self.sampler,
-                                        self.shift, self.seed + i, "vocoder")
+            clip = pipe.generate(prompt, steps=self.steps, guidance=self.guidance, sampler=self.sampler,
+                                 shift=self.shift, seed=self.seed + i)
             paths.append(out / f"step={step}-{i}.mp4")
             if write:
-                write_av(paths[-1], frames, audio, fps=float(tl.fps_q), sample_rate=tl.sample_rate)
+                clip.write(paths[-1])
         pl_module.train(was_training)
         if not write:
             return

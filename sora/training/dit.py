@@ -51,14 +51,10 @@ def stage_weights(path: str, prefix: str, use_ema: bool = True) -> dict[str, tor
     """Weights under ``prefix`` (e.g. ``"vae."``) from a Lightning checkpoint of an earlier stage,
     with the prefix removed; its EMA weights (``callbacks["EMA"]["shadow"]``) when present and
     ``use_ema``. Read with ``torch.load(weights_only=True)``: a checkpoint with pickled code is refused."""
-    from sora.training.checkpoint_io import load_checkpoint_file
+    from sora.checkpoints.io import load_checkpoint_file
+    from sora.checkpoints.export import model_weights
 
-    ckpt = load_checkpoint_file(path)
-    state = dict(ckpt.get("state_dict", ckpt))
-    ema = (ckpt.get("callbacks") or {}).get("EMA") or {}
-    if use_ema and ema.get("shadow"):
-        state.update(ema["shadow"])
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    sub = model_weights(load_checkpoint_file(path), use_ema, prefix)
     if not sub:
         raise ValueError(f"{path}: no weights under {prefix!r}; is it a checkpoint of the right stage?")
     return sub

@@ -27,7 +27,6 @@ import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
@@ -39,7 +38,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 SMALL = 1 << 20  # elements: tensors made from real inputs up to this size are computed for real
 CATEGORIES = ("weights", "frozen", "buffers", "gradients", "optimizer", "ema", "activations")
 GIB = 2 ** 30
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRECISIONS = {"32": "32", "32-true": "32", "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",  # Lightning's names
               "16-mixed": "16-mixed", "16": "16-mixed", "bf16-true": "bf16-true", "16-true": "16-true"}
 CPU_ATTENTION_FLOPS = {  # torch's FLOP counter knows the CUDA attention kernels only

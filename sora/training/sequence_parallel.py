@@ -70,7 +70,7 @@ def new_sequence_parallel_group(size: int):
     """Split the world into groups of ``size`` consecutive ranks; -> this rank's group.
 
     Every rank must call it (``new_group`` is collective). Data parallelism then runs over
-    :func:`data_parallel_rank`: the ``size`` ranks of a group must get the same batch.
+    :func:`sora.data.datamodule.data_parallel_rank`: the ``size`` ranks of a group must get the same batch.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{CONFIG_KEY}={size}: torch.distributed is not initialised; start the run with "
@@ -85,14 +85,6 @@ def new_sequence_parallel_group(size: int):
         if start <= rank < start + size:
             mine = group
     return mine
-
-
-def data_parallel_rank(size: int, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
-    """(data-parallel rank, data-parallel world size) of a rank when groups of ``size`` consecutive
-    ranks share one batch: the index to split data (and seed per-sample randomness) by."""
-    rank = dist.get_rank() if rank is None else rank
-    world = dist.get_world_size() if world is None else world
-    return rank // size, world // size
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +268,6 @@ def sequence_parallel_size(dit: nn.Module) -> int:
     return 1 if sp is None else sp.size
 
 
-__all__ = ["check_sequence_parallel", "new_sequence_parallel_group", "data_parallel_rank", "seq_to_heads",
+__all__ = ["check_sequence_parallel", "new_sequence_parallel_group", "seq_to_heads",
            "heads_to_seq", "UlyssesAttention", "shard", "apply_sequence_parallel", "remove_sequence_parallel",
            "sequence_parallel_size", "SequenceParallel", "CONFIG_KEY"]

@@ -3,7 +3,7 @@ activation checkpointing -> compile -> sharding. Model files stay parallelism-ag
 
 * :func:`parallelize_dit`: activation checkpointing (the DiT's own per-block switch, so checkpoint
   keys do not change) and per-block ``torch.compile``; the DiT stage applies it when it is built.
-* Sharding, chosen with ``strategy=`` (``configs/strategy/``) and built here:
+* Sharding, chosen with ``strategy=`` (``sora/configs/strategy/``) and built here:
 
   - ``ddp``: Lightning's ``DDPStrategy`` (replicated weights, all-reduced gradients);
   - ``deepspeed_stage_2`` / ``deepspeed_stage_3`` / ``deepspeed_stage_3_offload``: :class:`DeepSpeed`,
@@ -18,7 +18,7 @@ activation checkpointing -> compile -> sharding. Model files stay parallelism-ag
   parameter this rank holds, and the way between it and the full tensor. The EMA callback keeps
   its average in the parameters' own layout with them (``sora.training.callbacks.EMA``).
 * Checkpoints: :class:`AtomicCheckpointIO` (files) and the DeepSpeed / FSDP2 ``save_checkpoint``
-  (folders) write atomically and read with ``weights_only=True`` (:mod:`sora.training.checkpoint_io`).
+  (folders) write atomically and read with ``weights_only=True`` (:mod:`sora.checkpoints.io`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
+
+from sora.checkpoints.io import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,12 @@ def _deepspeed_on_cpu() -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO`` with atomic local writes (:func:`sora.training.checkpoint_io.save_file`)
-    and ``weights_only=True`` reads (:func:`~sora.training.checkpoint_io.load_checkpoint_file`); remote
+    """Lightning's ``TorchCheckpointIO`` with atomic local writes (:func:`sora.checkpoints.io.save_file`)
+    and ``weights_only=True`` reads (:func:`~sora.checkpoints.io.load_checkpoint_file`); remote
     paths (fsspec) as Lightning's."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        from sora.training.checkpoint_io import save_file
+        from sora.checkpoints.io import save_file
 
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -83,7 +85,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
         """Always ``weights_only=True``, whatever is asked."""
-        from sora.training.checkpoint_io import load_checkpoint_file
+        from sora.checkpoints.io import load_checkpoint_file
 
         if not _is_local_file_protocol(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
@@ -143,7 +145,7 @@ class DeepSpeed(DeepSpeedStrategy):
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         """DeepSpeed's folder of shards, written to ``<filepath>.tmp`` and renamed when whole."""
-        from sora.training.checkpoint_io import atomic_folder
+        from sora.checkpoints.io import atomic_folder
 
         with atomic_folder(self, self.broadcast(str(filepath))) as tmp:
             super().save_checkpoint(checkpoint, str(tmp), storage_options)
@@ -151,7 +153,7 @@ class DeepSpeed(DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """DeepSpeed's own loads (``weights_only=False``) forced to ``weights_only=True``, allowing only
         the data classes DeepSpeed pickles into its optimizer shards (:func:`deepspeed_globals`)."""
-        from sora.training.checkpoint_io import deepspeed_globals, safe_loading
+        from sora.checkpoints.io import deepspeed_globals, safe_loading
 
         check_zero_world_size(checkpoint_path, self.world_size)
         with safe_loading(checkpoint_path, deepspeed_globals()):
@@ -181,8 +183,8 @@ def check_zero_world_size(path, world_size: int) -> None:
         return
     saved = len(list((latest.parent / latest.read_text().strip()).glob("*optim_states.pt")))
     if saved and saved != world_size:
-        raise SystemExit(
-            f"sora-train: error in ckpt_path={path}: a DeepSpeed ZeRO checkpoint written by {saved} ranks cannot "
+        raise CheckpointError(
+            f"ckpt_path={path}", f"a DeepSpeed ZeRO checkpoint written by {saved} ranks cannot "
             f"resume on {world_size}: its optimizer states (and ZeRO-3 weights) are partitioned per rank, and "
             f"DeepSpeed's universal checkpoint, its way across world sizes, restores the trained weights but not the "
             f"frozen ones nor the buffers; resume with trainer.devices x trainer.num_nodes = {saved}, or train with "
@@ -222,14 +224,14 @@ class FSDP2(ModelParallelStrategy):
         full checkpoint file: the CheckpointIO's atomic write)."""
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from sora.training.checkpoint_io import atomic_folder
+        from sora.checkpoints.io import atomic_folder
 
         with atomic_folder(self, self.broadcast(str(filepath))) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """``weights_only=True``; a folder's ``.metadata`` (which torch unpickles) checked first."""
-        from sora.training.checkpoint_io import check_dcp_metadata
+        from sora.checkpoints.io import check_dcp_metadata
 
         check_dcp_metadata(checkpoint_path)
         return super().load_checkpoint(checkpoint_path, weights_only=True)

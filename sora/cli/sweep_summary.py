@@ -1,10 +1,10 @@
 """A table of a sweep's runs, best first: ``summary.md`` and ``summary.csv`` in the sweep dir.
 
-    python tools/sweep_summary.py outputs/sweeps/2026-01-01_12-00-00              # objective from the sweep
-    python tools/sweep_summary.py SWEEP_DIR --metric val/psnr --direction maximize
+    python -m sora.cli.sweep_summary outputs/sweeps/2026-01-01_12-00-00              # objective from the sweep
+    python -m sora.cli.sweep_summary SWEEP_DIR --metric val/psnr --direction maximize
 
 ``sora-train -m`` writes it by itself when the sweep ends (the ``SweepSummary`` Hydra callback in
-configs/train.yaml). Each run dir of the sweep holds ``.hydra/overrides.yaml`` (its overrides) and,
+sora/configs/train.yaml). Each run dir of the sweep holds ``.hydra/overrides.yaml`` (its overrides) and,
 once trained, ``metrics.json`` (its final metrics, written by sora-train). The objective is the sweep's
 ``optimized_metric`` (``val/loss`` when unset), minimized unless the sweeper says ``maximize``. Runs
 without the metric (failed, or still running) are listed last. The table shows the overrides that
@@ -110,7 +110,7 @@ def write_summary(sweep_dir: str | Path, metric: str | None = None, direction: s
 
 
 class SweepSummary(Callback):
-    """Hydra callback: writes the summary when a multirun ends (``hydra.callbacks`` in configs/train.yaml)."""
+    """Hydra callback: writes the summary when a multirun ends (``hydra.callbacks`` in sora/configs/train.yaml)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -1,10 +1,10 @@
 """Encode a DiT run's clips once: video latents, audio latents, text embeddings -> webdataset shards.
 
-    python tools/cache_latents.py OUT [OVERRIDES...] [--rank R --world-size N] [--workers W] [--device D]
-    python tools/cache_latents.py cache/ experiment=quickstart/dit
-    torchrun --nproc-per-node 8 tools/cache_latents.py cache/ experiment=my_dit    # 8 ranks, 8 GPUs
+    sora-cache-latents OUT [OVERRIDES...] [--rank R --world-size N] [--workers W] [--device D]
+    sora-cache-latents cache/ experiment=quickstart/dit
+    torchrun --nproc-per-node 8 -m sora.cli.cache_latents cache/ experiment=my_dit    # 8 ranks, 8 GPUs
 
-OVERRIDES compose the DiT run config exactly as ``sora-train`` does (``configs/train.yaml``): its
+OVERRIDES compose the DiT run config exactly as ``sora-train`` does (``sora/configs/train.yaml``): its
 ``model`` gives the frozen encoders (video VAE, audio VAE, text encoder, built and seeded as the
 training run builds them; :meth:`DiTModule.encode` computes the latents, so they are the raw run's),
 its ``data.train`` the raw clips: one pass over them in order (no shuffle, each clip once, at the
@@ -31,13 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `sora` importable without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 
-PROG = "cache_latents"
+PROG = "sora-cache-latents"
 
 
 def fail(message: str) -> SystemExit:

@@ -10,7 +10,7 @@ Format (``sora-export/1``), read by ``sora-sample``, ``sora-eval`` and :func:`re
 
 Loading it never unpickles anything: safetensors tensors and JSON. :func:`read_training_checkpoint`
 reads the three kinds of training checkpoints, never running code from them (``torch.load(weights_only=True)``,
-see :mod:`sora.training.checkpoint_io`): a Lightning ``.ckpt`` file, a DeepSpeed ZeRO checkpoint
+see :mod:`sora.checkpoints.io`): a Lightning ``.ckpt`` file, a DeepSpeed ZeRO checkpoint
 folder (weights consolidated from the shards by DeepSpeed's ``zero_to_fp32``, its loads forced to
 ``weights_only``), and a torch distributed-checkpoint folder (FSDP2, ``strategy=fsdp``; its pickled
 ``.metadata`` checked by a restricted unpickler first), which are all turned into the same dict:
@@ -96,6 +96,23 @@ def read_export(path) -> dict:
 
 
 # -- training checkpoints ----------------------------------------------------------------------
+def model_weights(ckpt: dict, use_ema: bool = True, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The weights to load from a checkpoint dict (any reader's): its ``state_dict`` with the EMA average in
+    place of each trained weight (``use_ema``, when the run kept one); ``prefix``: only the keys under it,
+    the prefix removed (an earlier stage's ``"vae."``). The one EMA merge: sampling, evaluation, frozen stages."""
+    state = dict(ckpt.get("state_dict", ckpt))
+    if use_ema:
+        state.update(((ckpt.get("callbacks") or {}).get("EMA") or {}).get("shadow") or {})
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else state
+
+
+def is_checkpoint(path) -> bool:
+    """A checkpoint file, or a DeepSpeed / torch distributed checkpoint folder (not a folder of checkpoints)."""
+    path = Path(path)
+    return path.is_file() or (path.is_dir() and ((path / "latest").is_file() or (path / "checkpoint").is_dir()
+                                                 or (path / ".metadata").is_file()))
+
+
 def checkpoint_kind(path) -> str:
     """``lightning`` (a file), ``deepspeed`` (a ZeRO folder) or ``distributed`` (a torch DCP folder)."""
     path = Path(path)
@@ -115,7 +132,7 @@ def _read_deepspeed(path: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import (get_fp32_state_dict_from_zero_checkpoint, get_model_state_file,
                                               get_optim_files)
 
-    from sora.training.checkpoint_io import deepspeed_globals, safe_loading
+    from sora.checkpoints.io import deepspeed_globals, safe_loading
 
     tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else "checkpoint"
     folder = path / tag
@@ -138,7 +155,7 @@ def _read_distributed(path: Path) -> dict:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from sora.training.checkpoint_io import check_dcp_metadata, load_checkpoint_file
+    from sora.checkpoints.io import check_dcp_metadata, load_checkpoint_file
 
     check_dcp_metadata(path)  # torch unpickles .metadata with pickle.load: only its own classes pass
     state: dict = {}
@@ -151,7 +168,7 @@ def _read_distributed(path: Path) -> dict:
 
 def read_training_checkpoint(path) -> dict:
     """Any checkpoint ``sora-train`` writes (or an export) as one full checkpoint dict on CPU."""
-    from sora.training.checkpoint_io import CheckpointError, load_checkpoint_file
+    from sora.checkpoints.io import CheckpointError, load_checkpoint_file
 
     path = Path(path)
     kind = checkpoint_kind(path)

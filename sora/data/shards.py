@@ -1,24 +1,19 @@
-"""Pack videos (or generated bouncing-ball world clips) into webdataset tar shards.
+"""Webdataset shards from videos (or generated bouncing-ball world clips): the library behind
+``sora-make-shards`` (:mod:`sora.cli.make_shards`, where the options are described).
 
-    python tools/make_shards.py INPUT OUTPUT [--captions FILE] [--max-side S] [--fps F]
-    python tools/make_shards.py --world N OUTPUT [--world-size 64] [--world-seconds 4] [--seed 0]
-
-INPUT is a folder searched recursively for videos (or a single video file).  Each sample holds
-the video under its container extension (original bytes, untouched) or under ``mp4`` when
-``--max-side``/``--fps`` ask for a re-encode, a ``json`` with the probe metadata of the stored
-video plus ``caption``/``source``/``bytes`` (and ``world`` ground truth for world clips), and the
-caption in ``txt``.  Captions come from a sidecar ``<stem>.txt``, else from ``--captions``
-(JSONL or CSV with path/file and caption), else are empty.  Every input is probed and decoded at
-its head and tail; unreadable, empty, truncated or undecodable files are skipped with one warning
-line each.  Workers probe/encode in parallel, in order, so the output is deterministic; the main
-process writes the shards (tar mtimes are 0, so equal inputs give byte-identical shards).
-Re-encoding decodes a whole clip into memory (``write_av`` takes the clip at once), so clips whose
-decoded frames would exceed REENCODE_LIMIT bytes are skipped rather than exhausting memory.
+Each sample holds the video under its container extension (original bytes, untouched) or under
+``mp4`` when a re-encode is asked (``max_side``/``fps``), a ``json`` with the probe metadata of
+the stored video plus ``caption``/``source``/``bytes`` (and ``world`` ground truth for world
+clips), and the caption in ``txt``.  Every input is probed and decoded at its head and tail;
+unreadable, empty, truncated or undecodable files are skipped with a reason each.  Workers
+probe/encode in parallel, in order, so the output is deterministic; the calling process writes the
+shards (tar mtimes are 0, so equal inputs give byte-identical shards).  Re-encoding decodes a whole
+clip into memory (``write_av`` takes the clip at once), so clips whose decoded frames would exceed
+REENCODE_LIMIT bytes are skipped rather than exhausting memory.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -28,12 +23,9 @@ import re
 import sys
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `sora` importable without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm
 
@@ -214,89 +206,51 @@ def reason_kind(reason: str) -> str:
     return re.split(r" \(|: ", reason, maxsplit=1)[0]
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- jobs and the writer
 
 
-def size_arg(text: str) -> tuple[int, int]:
-    """'64' -> (64, 64); '48x64' -> (48, 64) as (H, W)."""
-    try:
-        h, _, w = text.lower().partition("x")
-        return int(h), int(w or h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected SIDE or HxW, got {text!r}") from None
+def world_jobs(n: int, seed: int, config: WorldConfig) -> tuple[list[Job], Options]:
+    """N generated world clips: clip i is ``make_clip(clip_seed(seed, i), config)``."""
+    if n < 1 or config.height % 2 or config.width % 2:
+        raise ValueError(f"--world needs N >= 1 and an even --world-size (H.264), got {n}, "
+                         f"{config.height}x{config.width}")
+    return [Job(f"world-{i:07d}", f"world:seed={seed}:{i}", "", seed=clip_seed(seed, i)) for i in range(n)], \
+        Options(world=config)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("input", nargs="?", help="folder of videos (omit or ignored with --world)")
-    p.add_argument("output", help="folder for shard-%%06d.tar")  # one positional = OUTPUT
-    p.add_argument("--captions", type=Path, help="JSONL or CSV manifest of path/file -> caption")
-    p.add_argument("--max-side", type=int, help="re-encode so the longer side is <= this")
-    p.add_argument("--fps", type=float, help="re-encode at this frame rate")
-    p.add_argument("--maxsize", type=float, default=256, help="MB per shard (default 256)")
-    p.add_argument("--maxcount", type=int, default=10000, help="samples per shard (default 10000)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--overwrite", action="store_true", help="delete existing shards in OUTPUT first")
-    p.add_argument("--world", type=int, metavar="N", help="generate N bouncing-ball clips instead")
-    p.add_argument("--world-size", type=size_arg, default=(64, 64), help="SIDE or HxW (default 64)")
-    p.add_argument("--world-seconds", type=float, default=4.0)
-    p.add_argument("--world-fps", type=float, default=24.0)
-    p.add_argument("--world-sample-rate", type=int, default=16000)
-    p.add_argument("--seed", type=int, default=0, help="world clip i is BouncingWorld(seed=SEED)[i]")
-    return p.parse_args(argv)
-
-
-def make_jobs(args) -> tuple[list[Job], Options]:
-    if args.maxsize <= 0 or args.maxcount < 1 or args.workers < 1:
-        raise ValueError("--maxsize, --maxcount and --workers must be positive")
-    if (args.max_side is not None and args.max_side < 2) or (args.fps is not None and args.fps <= 0):
-        raise ValueError("--max-side must be >= 2 and --fps > 0")
-    if args.world is not None:
-        (h, w), n, seed = args.world_size, args.world, args.seed
-        if n < 1 or h % 2 or w % 2:
-            raise ValueError(f"--world needs N >= 1 and an even --world-size (H.264), got {n}, {h}x{w}")
-        config = WorldConfig(width=w, height=h, fps=args.world_fps, seconds=args.world_seconds,
-                             sample_rate=args.world_sample_rate)  # raises ValueError when invalid
-        return [Job(f"world-{i:07d}", f"world:seed={seed}:{i}", "", seed=clip_seed(seed, i)) for i in range(n)], \
-            Options(world=config)
-    if args.input is None:
-        raise ValueError("INPUT is required (or use --world N)")
-    root = Path(args.input)
+def folder_jobs(root: Path, captions: Path | None, max_side: int | None = None,
+                fps: float | None = None) -> tuple[list[Job], Options]:
+    """Every video under ``root`` (a folder, searched recursively, or one file), captioned from a sidecar
+    ``<stem>.txt``, else the ``captions`` manifest (JSONL or CSV), else empty. ValueError when none."""
     if not root.exists():
         raise ValueError(f"INPUT {root} does not exist")
-    if args.captions is not None and not args.captions.is_file():
-        raise ValueError(f"--captions {args.captions} is not a file")
-    jobs = video_jobs(root, args.captions)  # ValueError for a bad manifest
+    if captions is not None and not captions.is_file():
+        raise ValueError(f"--captions {captions} is not a file")
+    jobs = video_jobs(root, captions)  # ValueError for a bad manifest
     if not jobs:
         raise ValueError(f"no videos ({', '.join(sorted(VIDEO_EXTS))}) found in {root}")
-    return jobs, Options(max_side=args.max_side, fps=args.fps)
+    return jobs, Options(max_side=max_side, fps=fps)
 
 
-def fail(msg: str, code: int = 1) -> int:
-    print(f"make_shards: error: {' '.join(msg.split())}", file=sys.stderr)
-    return code
+@dataclass
+class Written:
+    """What :func:`write_shards` wrote: shard paths, sample counts, hours, skip reasons by kind."""
+    shards: list[str] = field(default_factory=list)
+    samples: int = 0
+    with_audio: int = 0
+    seconds: float = 0.0
+    skipped: Counter = field(default_factory=Counter)
+    captions: Counter = field(default_factory=Counter)  # by origin: sidecar / manifest / none / generated
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        jobs, opts = make_jobs(args)
-    except (ValueError, csv.Error) as e:  # bad options or manifest, nothing to do
-        return fail(str(e), 2)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = sorted(out_dir.glob("shard-*.tar"))
-    if stale and not args.overwrite:
-        return fail(f"{out_dir} already holds {len(stale)} shard(s); pass --overwrite to replace them", 2)
-    for f in stale:
-        f.unlink()
-
+def write_shards(jobs: list[Job], opts: Options, out_dir: Path, maxcount: int = 10000, maxsize_mb: float = 256,
+                 workers: int = 1) -> Written:
+    """Process ``jobs`` (``workers`` spawned processes, results in order) into ``out_dir/shard-%06d.tar``;
+    each skipped input is one line on stderr with its reason."""
     import webdataset as wds  # here, not at the top: it imports torch, which workers don't need
 
-    shards, skipped, origin, writer = [], Counter(), Counter(), None
-    written = with_audio = 0
-    seconds = 0.0
-    workers = min(args.workers, len(jobs))
+    done, writer = Written(), None
+    workers = min(workers, len(jobs))
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = (pool.imap if pool else map)(partial(process, opts=opts), jobs)
@@ -310,32 +264,18 @@ def main(argv=None) -> int:
                     reason = f"cannot read ({e.strerror})"
             if reason is not None:
                 tqdm.write(f"skip {job.source}: {reason}", file=sys.stderr)
-                skipped[reason_kind(reason)] += 1
+                done.skipped[reason_kind(reason)] += 1
                 continue
             if writer is None:  # opened on the first sample: no empty shard when all are skipped
-                writer = wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=args.maxcount,
-                                         maxsize=args.maxsize * 1e6, post=shards.append, verbose=0, mtime=0)
+                writer = wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=maxcount,
+                                         maxsize=maxsize_mb * 1e6, post=done.shards.append, verbose=0, mtime=0)
             writer.write({"__key__": job.key, ext: data, "json": json.dumps(meta).encode(), "txt": meta["caption"]})
-            written, with_audio, seconds = written + 1, with_audio + meta["has_audio"], seconds + meta["duration"]
-            origin[job.caption_from] += 1
+            done.samples, done.with_audio = done.samples + 1, done.with_audio + meta["has_audio"]
+            done.seconds += meta["duration"]
+            done.captions[job.caption_from] += 1
     finally:
         if pool is not None:
             pool.terminate()
         if writer is not None:
             writer.close()
-
-    why = ", ".join(f"{n} {kind}" for kind, n in skipped.most_common())
-    if not written:
-        return fail(f"no sample written: all {len(jobs)} input(s) were skipped ({why})")
-    total_mb = sum(os.path.getsize(f) for f in shards) / 1e6
-    glob = shards[0] if len(shards) == 1 else str(out_dir / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
-    print(f"written {written} samples in {len(shards)} shard(s) ({total_mb:.1f} MB) to {out_dir}")
-    print(f"skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
-    print(f"video: {seconds / 3600:.3f} hours, {with_audio} of {written} with audio; captions: "
-          + ", ".join(f"{n} {kind}" for kind, n in origin.items()))
-    print(f"shards: {glob}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return done

@@ -1,0 +1,110 @@
+"""`sora-make-shards` (``python -m sora.cli.make_shards``): pack videos (or generated bouncing-ball
+world clips) into webdataset tar shards (the library: :mod:`sora.data.shards`).
+
+    sora-make-shards INPUT OUTPUT [--captions FILE] [--max-side S] [--fps F]
+    sora-make-shards --world N OUTPUT [--world-size 64] [--world-seconds 4] [--seed 0]
+
+INPUT is a folder searched recursively for videos (or a single video file).  Each sample holds
+the video under its container extension (original bytes, untouched) or under ``mp4`` when
+``--max-side``/``--fps`` ask for a re-encode, a ``json`` with the probe metadata of the stored
+video plus ``caption``/``source``/``bytes`` (and ``world`` ground truth for world clips), and the
+caption in ``txt``.  Captions come from a sidecar ``<stem>.txt``, else from ``--captions``
+(JSONL or CSV with path/file and caption), else are empty.  Every input is probed and decoded at
+its head and tail; unreadable, empty, truncated or undecodable files are skipped with one warning
+line each.  Workers probe/encode in parallel, in order, so the output is deterministic; the main
+process writes the shards (tar mtimes are 0, so equal inputs give byte-identical shards).
+Re-encoding decodes a whole clip into memory (``write_av`` takes the clip at once), so clips whose
+decoded frames would exceed REENCODE_LIMIT bytes are skipped rather than exhausting memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+from sora.data.shards import folder_jobs, world_jobs, write_shards
+from sora.data.world import WorldConfig
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """'64' -> (64, 64); '48x64' -> (48, 64) as (H, W)."""
+    try:
+        h, _, w = text.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIDE or HxW, got {text!r}") from None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("input", nargs="?", help="folder of videos (omit or ignored with --world)")
+    p.add_argument("output", help="folder for shard-%%06d.tar")  # one positional = OUTPUT
+    p.add_argument("--captions", type=Path, help="JSONL or CSV manifest of path/file -> caption")
+    p.add_argument("--max-side", type=int, help="re-encode so the longer side is <= this")
+    p.add_argument("--fps", type=float, help="re-encode at this frame rate")
+    p.add_argument("--maxsize", type=float, default=256, help="MB per shard (default 256)")
+    p.add_argument("--maxcount", type=int, default=10000, help="samples per shard (default 10000)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--overwrite", action="store_true", help="delete existing shards in OUTPUT first")
+    p.add_argument("--world", type=int, metavar="N", help="generate N bouncing-ball clips instead")
+    p.add_argument("--world-size", type=size_arg, default=(64, 64), help="SIDE or HxW (default 64)")
+    p.add_argument("--world-seconds", type=float, default=4.0)
+    p.add_argument("--world-fps", type=float, default=24.0)
+    p.add_argument("--world-sample-rate", type=int, default=16000)
+    p.add_argument("--seed", type=int, default=0, help="world clip i is BouncingWorld(seed=SEED)[i]")
+    return p.parse_args(argv)
+
+
+def make_jobs(args):
+    if args.maxsize <= 0 or args.maxcount < 1 or args.workers < 1:
+        raise ValueError("--maxsize, --maxcount and --workers must be positive")
+    if (args.max_side is not None and args.max_side < 2) or (args.fps is not None and args.fps <= 0):
+        raise ValueError("--max-side must be >= 2 and --fps > 0")
+    if args.world is not None:
+        (h, w) = args.world_size
+        config = WorldConfig(width=w, height=h, fps=args.world_fps, seconds=args.world_seconds,
+                             sample_rate=args.world_sample_rate)  # raises ValueError when invalid
+        return world_jobs(args.world, args.seed, config)
+    if args.input is None:
+        raise ValueError("INPUT is required (or use --world N)")
+    return folder_jobs(Path(args.input), args.captions, args.max_side, args.fps)
+
+
+def fail(msg: str, code: int = 1) -> int:
+    print(f"make_shards: error: {' '.join(msg.split())}", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        jobs, opts = make_jobs(args)
+    except (ValueError, csv.Error) as e:  # bad options or manifest, nothing to do
+        return fail(str(e), 2)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = sorted(out_dir.glob("shard-*.tar"))
+    if stale and not args.overwrite:
+        return fail(f"{out_dir} already holds {len(stale)} shard(s); pass --overwrite to replace them", 2)
+    for f in stale:
+        f.unlink()
+
+    done = write_shards(jobs, opts, out_dir, args.maxcount, args.maxsize, args.workers)
+    why = ", ".join(f"{n} {kind}" for kind, n in done.skipped.most_common())
+    if not done.samples:
+        return fail(f"no sample written: all {len(jobs)} input(s) were skipped ({why})")
+    shards = done.shards
+    total_mb = sum(os.path.getsize(f) for f in shards) / 1e6
+    glob = shards[0] if len(shards) == 1 else str(out_dir / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
+    print(f"written {done.samples} samples in {len(shards)} shard(s) ({total_mb:.1f} MB) to {out_dir}")
+    print(f"skipped {sum(done.skipped.values())}" + (f" ({why})" if why else ""))
+    print(f"video: {done.seconds / 3600:.3f} hours, {done.with_audio} of {done.samples} with audio; captions: "
+          + ", ".join(f"{n} {kind}" for kind, n in done.captions.items()))
+    print(f"shards: {glob}")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
