@@ -9,7 +9,6 @@ from sora.diffusion.flow import (
     drop_text,
     flow_loss,
     interpolate,
-    joint_flow_loss,
     logit_normal_timesteps,
     sample_task,
     shift_timesteps,
@@ -153,12 +152,3 @@ def test_flow_loss_ignores_masked_tokens(shape):
     torch.testing.assert_close(flow_loss(v, x0, noise), ((v - (noise - x0)) ** 2).mean())
     zero = flow_loss(v, x0, noise, torch.zeros(shape[0], shape[2]))
     assert zero.item() == 0 and zero.requires_grad
-
-
-def test_joint_flow_loss():
-    xv, nv, pv = (torch.randn(2, 4, 3, 2, 2) for _ in range(3))
-    xa, na, pa = (torch.randn(2, 4, 9) for _ in range(3))
-    total, parts = joint_flow_loss({"video": pv, "audio": pa}, {"video": xv, "audio": xa},
-                                   {"video": nv, "audio": na}, weights={"audio": 0.5})
-    torch.testing.assert_close(total, parts["video"] + 0.5 * parts["audio"])
-    torch.testing.assert_close(parts["audio"], flow_loss(pa, xa, na))

@@ -93,12 +93,12 @@ def build(cfg):
     """The raw stream and the DiT module, built (and seeded) in sora-train's order."""
     import lightning as L
 
-    from sora.cli.train import build as build_part
+    from sora.cli.overrides import build as build_part
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    build_part(cfg.timeline, "timeline")
-    datamodule = build_part(cfg.data, "data")
-    module = build_part(cfg.model, "model")
+    build_part(cfg.timeline, "timeline", PROG)
+    datamodule = build_part(cfg.data, "data", PROG)
+    module = build_part(cfg.model, "model", PROG)
     return datamodule.train_stream, module
 
 

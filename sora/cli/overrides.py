@@ -1,5 +1,6 @@
-"""The command line before Hydra parses it, shared by every CLI: values quoted where Hydra's grammar
-would refuse them, and a bad key or value reported in one line that says what was meant.
+"""Configs for every CLI: the command line before Hydra parses it (values quoted where Hydra's grammar would
+refuse them; a bad key or value reported in one line that says what was meant) and building the parts of a
+composed config with a one-line error naming the part.
 
     sora-train trainer.max_step=50      -> sora-train: error in the config: no key trainer.max_step;
                                            did you mean trainer.max_steps? (a new key: +trainer.max_step=50)
@@ -31,6 +32,32 @@ def quote_values(args: list[str]) -> list[str]:
             arg = f"{key}='{value}'"
         out.append(arg)
     return out
+
+
+def fail(what: str, error: BaseException, prog: str = "sora-train") -> SystemExit:
+    """One line on stderr naming the config part (and the key, in the message) that is wrong."""
+    from hydra.errors import InstantiationException
+
+    cause = error
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return SystemExit(f"{prog}: error in {what}: {type(cause).__name__}: {text}")
+
+
+def build(cfg, what: str, prog: str = "sora-train", **kwargs):
+    """``instantiate(cfg, **kwargs)``; any construction error becomes one line naming the part (``what``)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any construction error becomes one line naming the part
+        raise fail(what, e, prog) from e
+
+
+def named(cfg, what: str) -> list:
+    """A dict of named ``_target_`` configs (callbacks, loggers) -> built objects; null entries skipped."""
+    return [build(c, f"{what}.{name}") for name, c in (cfg or {}).items() if c is not None and "_target_" in c]
 
 
 def config_keys(cfg, prefix: str = "") -> list[str]:

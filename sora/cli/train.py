@@ -24,35 +24,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sora.cli.overrides import CONFIGS, check_overrides
+from sora.cli.overrides import CONFIGS, build, check_overrides, fail, named
 
 log = logging.getLogger("sora.train")
-
-
-
-def fail(what: str, error: BaseException) -> SystemExit:
-    """One line on stderr naming the config part (and the key, in the message) that is wrong."""
-    cause = error
-    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = " ".join(str(cause).split()) or type(cause).__name__
-    return SystemExit(f"sora-train: error in {what}: {type(cause).__name__}: {text}")
-
-
-def build(cfg: DictConfig, what: str, **kwargs):
-    try:
-        return instantiate(cfg, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any construction error becomes one line naming the part
-        raise fail(what, e) from e
-
-
-def named(cfg: DictConfig | None, what: str) -> list:
-    """A dict of named ``_target_`` configs (callbacks, loggers) -> built objects; null entries skipped."""
-    return [build(c, f"{what}.{name}") for name, c in (cfg or {}).items() if c is not None and "_target_" in c]
 
 
 def resolve_ckpt(ckpt_path, run_dir: Path) -> str | None:

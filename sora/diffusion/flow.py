@@ -243,18 +243,3 @@ def flow_loss(
     per_token = se[0, :, 0].numel()  # elements per (sample, time step)
     denom = weight_mask.float().sum() * per_token
     return (se * w).sum() / denom if denom > 0 else (se * w).sum() * 0.0
-
-
-def joint_flow_loss(
-    v_pred: Mapping[str, torch.Tensor],
-    x0: Mapping[str, torch.Tensor],
-    noise: Mapping[str, torch.Tensor],
-    weight_masks: Mapping[str, torch.Tensor | None] | None = None,
-    weights: Mapping[str, float] | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum of ``weights[m] * flow_loss`` over modalities; returns ``(total, {m: loss_m})``."""
-    weight_masks = weight_masks or {}
-    weights = weights or {}
-    parts = {m: flow_loss(v_pred[m], x0[m], noise[m], weight_masks.get(m)) for m in v_pred}
-    total = sum(weights.get(m, 1.0) * loss for m, loss in parts.items())
-    return total, parts

@@ -190,13 +190,17 @@ class DiTModule(L.LightningModule):
                           self.audio_times)
         return {"video": vv, "audio": va}
 
+    def weighted(self, losses: dict) -> torch.Tensor:
+        """The loss to minimise: ``loss_weights``-weighted sum of the per-modality ``loss_<m>`` (the only one)."""
+        return sum(self.loss_weights[m] * losses[f"loss_{m}"] for m in MODALITIES)
+
     def losses(self, z, noise, tt, text, text_mask) -> dict[str, torch.Tensor]:
         x = {"video": interpolate(z["video"], noise["video"], tt.video_token_t, tt.clean_video),
              "audio": interpolate(z["audio"], noise["audio"], tt.audio_token_t, tt.clean_audio)}
         v = self.velocity(x, {"video": tt.t_video, "audio": tt.t_audio}, text, text_mask)
         out = {"loss_video": flow_loss(v["video"], z["video"], noise["video"], clean_mask=tt.clean_video),
                "loss_audio": flow_loss(v["audio"], z["audio"], noise["audio"], clean_mask=tt.clean_audio)}
-        out["loss"] = sum(self.loss_weights[m] * out[f"loss_{m}"] for m in MODALITIES)
+        out["loss"] = self.weighted(out)
         return out
 
     def sample_timesteps(self, b: int, video_len: int, audio_len: int, device) -> TaskTimesteps:
@@ -254,7 +258,7 @@ class DiTModule(L.LightningModule):
                 loss = flow_loss(torch.stack(v[m][p]), z[m], n[m], clean_mask=clean[m][p])
                 total, count = total + loss * counted, count + counted
             out[f"loss_{m}"] = total / max(count, 1)
-        out["loss"] = sum(self.loss_weights[m] * out[f"loss_{m}"] for m in MODALITIES)
+        out["loss"] = self.weighted(out)
         return out
 
     def packed_training_step(self, batch: PackedBatch):
@@ -292,7 +296,7 @@ class DiTModule(L.LightningModule):
             for k in totals:
                 out[f"{k}_t{tv:.2f}"] = losses[k]
                 totals[k] = totals[k] + losses[k] / len(self.val_timesteps)
-        totals["loss"] = sum(self.loss_weights[m] * totals[f"loss_{m}"] for m in MODALITIES)
+        totals["loss"] = self.weighted(totals)
         return {**out, **totals}
 
     def validation_step(self, batch, batch_idx):
