@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sora.models.dit import AVDiT
 from sora.models.flops import dit_forward_flops, dit_training_flops, video_vae_flops
 from sora.models.video_vae import TINY_CONFIG, VideoVAE
-from sora.training.callbacks import PEAK_FLOPS, Throughput
+from sora.training.callbacks import Throughput
 
 
 def _dit_inputs(b=2, t=3, hw=8, steps=25, lt=7):
@@ -55,8 +55,12 @@ def test_video_vae_flops_equal_the_counter():
     assert next(vae.parameters()).device.type == "cpu"  # the model itself is left as it was
 
 
-def test_throughput_mfu_presets_and_errors():
-    assert Throughput(peak_flops="h100_bf16").peak_flops == PEAK_FLOPS["h100_bf16"] == 989.4e12
-    assert Throughput(peak_flops=1e12).peak_flops == 1e12 and Throughput().peak_flops is None
-    with pytest.raises(ValueError, match="peak_flops='h100'.*h100_bf16"):
-        Throughput(peak_flops="h100")
+def test_throughput_peak_flops_from_lightning_or_given():
+    import lightning as L
+
+    assert Throughput(peak_flops=1e12).peak_flops == 1e12 and Throughput(peak_flops=None).peak_flops is None
+    auto = Throughput()
+    auto.setup(L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False), None, "fit")
+    assert auto.peak_flops is None  # Lightning knows no CPU's peak: no MFU on a CPU
+    with pytest.raises(ValueError, match="peak_flops='h100_bf16'.*FLOP/s of one device, auto or null"):
+        Throughput(peak_flops="h100_bf16")

@@ -225,27 +225,31 @@ class RNGState(Callback):
 
 
 # Dense peak FLOP/s of one device (no sparsity), for ``Throughput(peak_flops=NAME)``.
-PEAK_FLOPS = {"h100_bf16": 989.4e12, "h200_bf16": 989.4e12, "h100_tf32": 494.7e12, "h200_tf32": 494.7e12,
-              "a100_bf16": 312e12, "a100_tf32": 156e12}
-
-
 class Throughput(Callback):
-    """Logs ``perf/samples_per_s`` and ``perf/tokens_per_s`` (mean over the last ``window`` steps).
+    """Logs ``perf/samples_per_s``, ``perf/step_s`` and ``perf/tokens_per_s`` (mean over the last ``window`` steps)
+    without a device synchronisation (Lightning's ``ThroughputMonitor`` synchronises CUDA every step; here the
+    window's wall time between batch ends, which queued work cannot hide for long, stands for it).
 
-    Tokens per batch come from ``pl_module.batch_tokens(batch)`` when the module defines it
-    (latent positions for the autoencoders, video + audio tokens for the DiT). When the
-    module also has ``flops_per_token()`` and ``peak_flops`` is given (FLOP/s, or a preset
-    name of :data:`PEAK_FLOPS` such as ``h100_bf16``), ``perf/mfu`` too.
+    Tokens per batch come from ``pl_module.batch_tokens(batch)`` when the module defines it (latent positions for
+    the autoencoders, video + audio tokens for the DiT). When the module also has ``flops_per_token()``,
+    ``perf/mfu`` against ``peak_flops``: FLOP/s of one device, or ``auto`` (Lightning's ``get_available_flops``
+    for the device and precision: known GPUs and TPUs; none on a CPU), or null (no MFU).
     """
 
-    def __init__(self, window: int = 20, peak_flops: float | str | None = None):
-        if isinstance(peak_flops, str):
-            if peak_flops not in PEAK_FLOPS:
-                raise ValueError(f"Throughput: peak_flops={peak_flops!r}: give FLOP/s or one of {sorted(PEAK_FLOPS)}")
-            peak_flops = PEAK_FLOPS[peak_flops]
+    def __init__(self, window: int = 20, peak_flops: float | str | None = "auto"):
+        if isinstance(peak_flops, str) and peak_flops != "auto":
+            raise ValueError(f"Throughput: peak_flops={peak_flops!r}: give FLOP/s of one device, auto or null")
         self.window, self.peak_flops = int(window), peak_flops
         self._times: deque = deque(maxlen=self.window)
         self._t0 = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.peak_flops == "auto":
+            from lightning.fabric.utilities.throughput import get_available_flops
+            from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+            dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
+            self.peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()
