@@ -56,12 +56,12 @@ def load_autoencoder(ckpt: dict, use_ema: bool, device):
     """A video / audio VAE stage module rebuilt from its checkpoint's config and weights."""
     from hydra.utils import instantiate
 
+    from sora.cli.checkpoints import model_weights
+
     cfg = OmegaConf.create(ckpt["sora_config"])
     if "perceptual_weights" in cfg.model:
         cfg.model.perceptual_weights = None  # a training-only loss; its file may not be here
     module = instantiate(cfg.model)
-    from sora.cli.checkpoints import model_weights
-
     module.load_state_dict(model_weights(ckpt, use_ema), strict=False)
     return module.to(device).eval(), cfg
 
@@ -234,9 +234,9 @@ def run(cfg: DictConfig) -> dict:
     """The whole command; returns what metrics.json holds."""
     import torch
 
-    from sora.evaluation.evaluator import Extractors
-    from sora.evaluation.eval_report import write_eval_report
     from sora.checkpoints.export import is_checkpoint
+    from sora.evaluation.eval_report import write_eval_report
+    from sora.evaluation.evaluator import Extractors
 
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise SystemExit("sora-eval: give ckpt=PATH (a checkpoint or a folder of them) or samples=DIR, one of them")

@@ -116,8 +116,8 @@ def train(cfg: DictConfig) -> dict:
 
     import lightning as L
 
-    from sora.training.callbacks import ConfigInCheckpoint
     from sora.checkpoints.io import CheckpointError
+    from sora.training.callbacks import ConfigInCheckpoint
     from sora.training.strategies import use_atomic_checkpoints
 
     if logging.getLogger().handlers:  # Hydra's console + train.log handlers: no second copy of each line

@@ -224,11 +224,10 @@ class RNGState(Callback):
             self.restore(self._before_validation)
 
 
-# Dense peak FLOP/s of one device (no sparsity), for ``Throughput(peak_flops=NAME)``.
 class Throughput(Callback):
-    """Logs ``perf/samples_per_s``, ``perf/step_s`` and ``perf/tokens_per_s`` (mean over the last ``window`` steps)
-    without a device synchronisation (Lightning's ``ThroughputMonitor`` synchronises CUDA every step; here the
-    window's wall time between batch ends, which queued work cannot hide for long, stands for it).
+    """Logs ``perf/samples_per_s``, ``perf/step_s`` and ``perf/tokens_per_s`` (mean over the last ``window`` steps),
+    timed from batch start to batch end with no device synchronisation of its own (Lightning's
+    ``ThroughputMonitor`` adds a ``torch.cuda.synchronize()`` to every step, which this one avoids).
 
     Tokens per batch come from ``pl_module.batch_tokens(batch)`` when the module defines it (latent positions for
     the autoencoders, video + audio tokens for the DiT). When the module also has ``flops_per_token()``,
