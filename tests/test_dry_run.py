@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from sora.cli.overrides import CONFIGS
 from sora.training import dry_run as D
 from sora.training.callbacks import EMA
 
@@ -23,7 +24,7 @@ MIB = 2 ** 20
 
 
 def config(*overrides):
-    with initialize_config_dir(str(D.CONFIGS), version_base="1.3"):
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
         return compose("train", overrides=list(overrides))
 
 

@@ -126,14 +126,12 @@ def test_bad_inputs_fail_in_one_line(demo, tmp_path):
 def test_real_baseline_is_other_clips_never_the_references_again(demo, tmp_path):
     """With fewer held-out clips than 2 x num_samples the real baseline is the clips that remain (labelled),
     never the references' own windows again (they were byte-identical: fd_mel 0 against 0)."""
-    from omegaconf import OmegaConf
-
-    from sora.cli.eval import Evaluation
     from sora.evaluation.evaluator import Extractors
+    from sora.evaluation.protocol import Evaluation
 
     run, _ = demo
-    cfg = OmegaConf.create({"data": str(run / "heldout"), "num_samples": 5, "seed": 0, "cache_dir": None})
-    evaluation = Evaluation(cfg, TL, (32, 32), Extractors(), progress=False)  # 8 clips: 5 references, 3 real
+    evaluation = Evaluation(str(run / "heldout"), TL, (32, 32), Extractors(), num_samples=5,
+                            progress=False)  # 8 clips: 5 references, 3 real
     assert len(evaluation.refs) == 5 and len(evaluation.real) == 3
     assert not {c.key for c in evaluation.refs} & {c.key for c in evaluation.real}
     assert not any(np.array_equal(r.frames, c.frames) for r in evaluation.refs for c in evaluation.real)

@@ -79,46 +79,12 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path, dict]]:
     return [found[s] for s in sorted(found)]
 
 
-class Evaluation:
-    """One reference set (and its baselines) on one timeline and size, scored against many clip sets."""
+def protocol(cfg: DictConfig, timeline, size, extractors):
+    """The evaluation protocol of this command's config (:class:`sora.evaluation.protocol.Evaluation`)."""
+    from sora.evaluation.protocol import Evaluation
 
-    def __init__(self, cfg: DictConfig, timeline, size, extractors, progress: bool = True):
-        from sora.evaluation.evaluator import FeatureCache, data_fingerprint, reference_clips, world_config
-
-        self.cfg, self.timeline, self.size, self.extractors = cfg, timeline, list(size), extractors
-        n = int(cfg.num_samples)
-        clips = reference_clips(cfg.data, timeline, size, 2 * n, seed=int(cfg.seed))
-        self.refs, self.real = clips[:n], clips[n:]
-        if len(self.real) < 2:  # other windows of the same clips would be the same fixed windows
-            raise SystemExit(f"sora-eval: data={cfg.data}: {len(clips)} clips of {timeline.seconds:g} s; the real "
-                             f"held-out baseline needs other clips than the num_samples={n} references: give at "
-                             f"least {n + 2} clips (2 x num_samples for a baseline of the same size) or lower "
-                             f"num_samples")
-        self.real_source = "the next clips of data" + (
-            "" if len(self.real) == n else f" (only {len(self.real)}: data has {len(clips)} clips; distances "
-                                           f"on fewer clips are biased upwards)")
-        self.world = world_config(self.refs, size)
-        self.fps, self.sr = float(timeline.fps_q), timeline.sample_rate
-        self.protocol = {
-            "references": len(self.refs), "real_baseline": len(self.real), "real_baseline_source": self.real_source,
-            "data": str(cfg.data), "data_sha256": data_fingerprint(cfg.data), "seed": int(cfg.seed),
-            "seconds": float(timeline.seconds), "frames": timeline.num_frames, "fps": self.fps,
-            "size": self.size, "sample_rate": self.sr, "extractors": extractors.describe(),
-            "physics_probe": self.world is not None}
-        key = FeatureCache.key(**{k: v for k, v in self.protocol.items() if k not in ("data", "real_baseline_source")})
-        self.ref_feats, cached = FeatureCache(cfg.cache_dir).get(key, lambda: extractors.features(
-            self.refs, self.sr, progress))
-        self.protocol["reference_features"] = "cache " + key if cached else "computed (cached as " + key + ")"
-
-    def score(self, clips) -> dict:
-        from sora.evaluation.evaluator import clip_metrics
-
-        return clip_metrics(clips, self.ref_feats, self.extractors, self.fps, self.sr, self.world, int(self.cfg.seed))
-
-    def baselines(self) -> dict:
-        from sora.evaluation.evaluator import baselines
-
-        return baselines(self.real, self.ref_feats, self.extractors, self.fps, self.sr, self.world, int(self.cfg.seed))
+    return Evaluation(cfg.data, timeline, size, extractors, num_samples=int(cfg.num_samples), seed=int(cfg.seed),
+                      cache_dir=cfg.cache_dir)
 
 
 def generate_clips(pipe, refs, cfg: DictConfig, out: Path) -> list:
@@ -149,7 +115,7 @@ def evaluate_dit(ckpt: dict, cfg: DictConfig, extractors, device, out: Path, eva
 
     pipe = AVPipeline.from_checkpoint(ckpt, cfg.seconds, cfg.use_ema, device, size=cfg.size)
     module, timeline, size = pipe.module, pipe.timeline, list(pipe.frame_size())
-    evaluation = evaluation or Evaluation(cfg, timeline, size, extractors)
+    evaluation = evaluation or protocol(cfg, timeline, size, extractors)
     t0 = time.perf_counter()
     clips = generate_clips(pipe, evaluation.refs, cfg, out)
     metrics = {"sampling_seconds": time.perf_counter() - t0, **evaluation.score(clips)}
@@ -180,7 +146,7 @@ def evaluate_autoencoder(kind: str, ckpt: dict, cfg: DictConfig, extractors, dev
     train = run_cfg.data.train
     size = list(cfg.size) if cfg.size is not None else list(train.get("size") or [train.world.height,
                                                                                   train.world.width])
-    evaluation = evaluation or Evaluation(cfg, timeline, size, extractors)  # one reference set per folder
+    evaluation = evaluation or protocol(cfg, timeline, size, extractors)  # one reference set per folder
     clips, values = [], {}
     mean_frame = torch.stack([from_uint8(r.frames) for r in evaluation.refs]).mean(dim=(0, 2))
     with torch.no_grad():
@@ -226,7 +192,7 @@ def evaluate_samples(cfg: DictConfig, extractors):
         clips = [read_clip(p, timeline, size) for p in paths]
     except (MediaError, ValueError) as e:
         raise SystemExit(f"sora-eval: samples: {e}") from None
-    evaluation = Evaluation(cfg, timeline, size, extractors)
+    evaluation = protocol(cfg, timeline, size, extractors)
     return evaluation.score(clips), evaluation, clips
 
 
