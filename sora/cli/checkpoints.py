@@ -5,9 +5,7 @@ line naming the file."""
 
 from __future__ import annotations
 
-from sora.checkpoints.export import ExportError, model_weights, read_training_checkpoint
-
-__all__ = ["read_checkpoint", "model_weights"]
+from sora.checkpoints.export import ExportError, read_training_checkpoint
 
 
 def read_checkpoint(path, prog: str) -> dict:

@@ -56,7 +56,7 @@ def load_autoencoder(ckpt: dict, use_ema: bool, device):
     """A video / audio VAE stage module rebuilt from its checkpoint's config and weights."""
     from hydra.utils import instantiate
 
-    from sora.cli.checkpoints import model_weights
+    from sora.checkpoints.export import model_weights
 
     cfg = OmegaConf.create(ckpt["sora_config"])
     if "perceptual_weights" in cfg.model:

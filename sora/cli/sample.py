@@ -88,8 +88,9 @@ def sample(cfg: DictConfig) -> list[Path]:
     import torch
 
     from sora.inference import AVPipeline, PipelineError
+    from sora.inference.pipeline import run_timeline
     from sora.media import MediaError, probe_av, read_audio
-    from sora.timeline import Timeline, TimelineError
+    from sora.timeline import TimelineError
 
     if not Path(cfg.ckpt).exists():
         raise SystemExit(f"sora-sample: no checkpoint at {cfg.ckpt}")
@@ -108,7 +109,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     seconds, given = cfg.seconds, cfg.video if cfg.video is not None else cfg.audio
     try:
         if seconds is None and given is not None:  # the input's duration, rounded down to a valid length
-            trained = Timeline(**{k: v for k, v in ckpt["sora_config"]["timeline"].items() if k != "_target_"})
+            trained = run_timeline(ckpt["sora_config"])
             if cfg.video is not None:
                 seconds = trained.fit_seconds(probe_av(str(given)).duration, f"video={given}")
             else:

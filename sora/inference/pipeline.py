@@ -68,6 +68,12 @@ class Generated:
         return path
 
 
+def run_timeline(config: dict, seconds: float | None = None) -> Timeline:
+    """The timeline a run trained on (its stored ``timeline`` config), at ``seconds`` when given."""
+    fields = {k: v for k, v in dict(config["timeline"]).items() if k != "_target_"}
+    return Timeline(**{**fields, **({} if seconds is None else {"seconds": float(seconds)})})
+
+
 def training_size(config: dict) -> tuple[int, int] | None:
     """The frame size a run trained at (its data config's ``size``, or its world's), or None (buckets)."""
     train = ((config.get("data") or {}).get("train") or {})
@@ -106,12 +112,10 @@ class AVPipeline:
         if not str(model.get("_target_", "")).endswith("DiTModule"):
             raise PipelineError("not a checkpoint of a DiT run (sora-train model=dit)")
         cfg = OmegaConf.create(ckpt["sora_config"])
-        trained = Timeline(**{k: v for k, v in cfg.timeline.items() if k != "_target_"})
-        timeline = trained
+        trained = timeline = run_timeline(ckpt["sora_config"])
         if seconds is not None:
             try:
-                timeline = Timeline(**{**{k: v for k, v in cfg.timeline.items() if k != "_target_"},
-                                       "seconds": float(seconds)})
+                timeline = run_timeline(ckpt["sora_config"], seconds)
             except TimelineError:
                 raise PipelineError(
                     f"seconds={seconds} does not fit this checkpoint's timeline (1 + {trained.vae_time_stride}k frames "
