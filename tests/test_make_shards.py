@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import webdataset as wds
 
+from sora.data import shard_encode
 from sora.data.world import clip_seed
-from sora.media import probe_av, read_av, write_av
+from sora.media import AVWriter, probe_av, read_av, write_av, write_image
 from sora.cli.make_shards import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,3 +247,143 @@ def test_csv_manifest_with_absolute_and_relative_paths(videos, tmp_path, capsys)
     bad.write_text('{"path": "a.mp4", "caption": "x"}\nnot json\n')
     rc, out, err = run([root, tmp_path / "out3", "--captions", bad], capsys)
     assert rc == 2 and "bad.jsonl:2" in err
+
+
+# ----------------------------------------------------------------------------- audio, images, long files, odd names
+
+
+def write_sound(path, fmt, codec, seconds=0.5):
+    """An audio-only file (PyAV): a wav, or an mp4 holding nothing but AAC."""
+    tone = clip(seconds)[1]
+    with av.open(str(path), "w", format=fmt) as out:
+        st = out.add_stream(codec, rate=SR, layout="mono")
+        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = SR, 0
+        out.mux(st.encode(frame))
+        out.mux(st.encode(None))
+
+
+def test_audio_files_and_images_are_seen(tmp_path, capsys):
+    """Audio-only files are skipped as such (by extension, or an mp4 without video); images are skipped,
+    or with --images stored as an mp4 of their one frame held that long."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_av(folder / "a.mp4", *clip(), FPS, SR)
+    write_sound(folder / "tone.wav", "wav", "pcm_s16le")
+    write_sound(folder / "voice.mp4", "mp4", "aac")
+    (folder / "voice.m4a").write_bytes((folder / "voice.mp4").read_bytes())
+    y, x = np.mgrid[:47, :63]  # odd sizes: the still is made 48x64 (yuv420p)
+    image = np.stack([x * 4, y * 5, np.full_like(x, 128)], -1).astype(np.uint8)
+    write_image(folder / "pic.png", image)
+    rc, out, err = run([folder, tmp_path / "out", "--workers", "1"], capsys)
+    assert rc == 0, err
+    assert list(read_shards(tmp_path / "out")) == ["a"]
+    skips = sorted(line for line in err.splitlines() if line.startswith("skip "))
+    assert skips == ["skip pic.png: image: not a video (--images SECONDS stores it as a still clip)",
+                     "skip tone.wav: audio only: no video stream", "skip voice.m4a: audio only: no video stream",
+                     "skip voice.mp4: audio only: no video stream"]
+    assert "skipped 4 (3 audio only, 1 image)" in out
+
+    rc, out, err = run([folder, tmp_path / "out2", "--images", "2.5", "--workers", "1"], capsys)
+    assert rc == 0 and "skipped 3 (3 audio only)" in out, err
+    s = read_shards(tmp_path / "out2")["pic"]
+    meta = json.loads(s["json"])
+    assert set(s) == {"mp4", "json", "txt"} and meta["from_image"] is True and meta["source"] == "pic.png"
+    assert (meta["width"], meta["height"], meta["num_frames"], meta["has_audio"]) == (64, 48, 1, False)
+    assert meta["duration"] == pytest.approx(2.5)
+    frames = read_av(s["mp4"], fps=4).frames  # the one frame, shown for the whole 2.5 s
+    assert len(frames) == 10
+    expected = read_av(folder / "pic.png", size=(48, 64)).frames[0].astype(float)
+    assert np.abs(frames.astype(float) - expected).mean() < 2
+
+    rc, out, err = run([folder / "tone.wav", tmp_path / "out3"], capsys)  # one audio file as INPUT
+    assert rc == 1 and "all 1 input(s) were skipped (1 audio only)" in err
+
+
+def gradient(first, n, h, w):
+    t = np.arange(first, first + n)[:, None, None]
+    x = np.arange(w)[None, None, :] + np.arange(h)[None, :, None]
+    frames = np.stack([(x * 2 + t * 3) % 256, (x + t) % 256, np.broadcast_to(t * 2 % 256, (n, h, w))], -1)
+    return frames.astype(np.uint8)
+
+
+def test_reencode_streams_in_bounded_memory(tmp_path, monkeypatch):
+    """A long clip re-encoded window by window: peak memory follows the window, not the file, and the
+    result is the whole-file re-encode's (frames up to the codec, audio the same length)."""
+    src, seconds, h, w = tmp_path / "long.mp4", 8, 96, 128
+    with AVWriter(src, FPS, SR) as writer:  # written in 1 s pieces too
+        for i in range(seconds):
+            tone = 0.3 * np.sin(2 * np.pi * 330 * np.arange(i * SR, (i + 1) * SR) / SR)
+            writer.write(gradient(i * 24, 24, h, w), tone.astype(np.float32))
+    info = probe_av(src)
+
+    def encode(window):
+        monkeypatch.setattr(shard_encode, "WINDOW_SECONDS", window)
+        tracemalloc.start()
+        try:
+            (start, data), = shard_encode.reencode(str(src), info, max_side=64, fps=12)
+            return data, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    streamed, streamed_peak = encode(0.5)
+    whole, whole_peak = encode(1e9)
+    frames_bytes = seconds * 12 * 48 * 64 * 3  # decoded frames of the whole clip at the output size
+    assert whole_peak > frames_bytes  # the whole-file path holds them all
+    assert streamed_peak < whole_peak / 5, (streamed_peak, whole_peak)  # ~0.35 MB: a window + the mp4 bytes
+    a, b = read_av(streamed, sample_rate=SR), read_av(whole, sample_rate=SR)
+    assert a.frames.shape == b.frames.shape == (96, 48, 64, 3)
+    assert np.abs(a.frames.astype(float) - b.frames.astype(float)).mean() < 0.5
+    assert a.audio.shape == b.audio.shape == (1, seconds * SR) and a.audio_mask.all()
+    assert np.abs(a.audio - b.audio).mean() < 0.01
+
+
+def test_max_seconds_cuts_long_videos(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_av(folder / "a.mp4", *clip(), FPS, SR)
+    write_av(folder / "long.mp4", *clip(2.5), FPS, SR)
+    rc, out, err = run([folder, tmp_path / "out", "--max-seconds", "1", "--workers", "1"], capsys)
+    assert rc == 0, err
+    samples = read_shards(tmp_path / "out")
+    assert list(samples) == ["a-000", "long-000", "long-001", "long-002"]
+    assert samples["a-000"]["mp4"] == (folder / "a.mp4").read_bytes()  # not longer than 1 s: as is
+    assert json.loads(samples["a-000"]["json"])["segment_start"] == 0
+    source = read_av(folder / "long.mp4", sample_rate=SR)
+    for i, (seconds, frames) in enumerate([(1.0, 24), (1.0, 24), (0.5, 12)]):
+        meta = json.loads(samples[f"long-{i:03d}"]["json"])
+        assert (meta["segment"], meta["segment_start"], meta["num_frames"]) == (i, i, frames)
+        assert meta["source"] == "long.mp4"
+        assert meta["duration"] == pytest.approx(seconds, abs=0.01) and meta["has_audio"]
+        seg = read_av(samples[f"long-{i:03d}"]["mp4"], sample_rate=SR)
+        assert np.abs(seg.frames.astype(float) - source.frames[24 * i: 24 * i + frames]).mean() < 3
+        assert seg.audio.shape == (1, int(seconds * SR))
+        assert np.abs(seg.audio - source.audio[:, i * SR: i * SR + seg.audio.shape[1]]).mean() < 0.02
+    assert "written 4 samples" in out
+
+
+def test_file_names_that_are_not_utf8(videos, tmp_path, monkeypatch):
+    """b'clip\\xff.mp4' is sharded under an ASCII key with its name kept losslessly in json; a broken one
+    is skipped; nothing breaks while printing on streams that refuse surrogates."""
+    root, _ = videos
+    folder, out_dir = os.fsencode(tmp_path / "in"), os.fsencode(tmp_path) + b"/out\xfd"
+    os.mkdir(folder)
+    try:
+        fd = os.open(os.path.join(folder, b"clip\xff.mp4"), os.O_WRONLY | os.O_CREAT, 0o644)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    os.write(fd, (root / "a.mp4").read_bytes())
+    os.close(fd)
+    open(os.path.join(folder, b"bad\xfe.mp4"), "wb").close()
+    stdout, stderr = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict") for _ in range(2))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    rc = main([os.fsdecode(folder), os.fsdecode(out_dir), "--workers", "1"])
+    stdout.flush(), stderr.flush()
+    out, err = stdout.buffer.getvalue().decode(), stderr.buffer.getvalue().decode()
+    assert rc == 0, err
+    assert "skip bad\\xfe.mp4: empty" in err and "written 1 samples" in out and "/out\\xfd" in out
+    (key, s), = read_shards(Path(os.fsdecode(out_dir))).items()
+    assert key == "clip" and s["mp4"] == (root / "a.mp4").read_bytes()
+    assert b'"source": "clip\\udcff.mp4"' in s["json"]  # ASCII json, the byte escaped
+    assert os.fsencode(json.loads(s["json"])["source"]) == b"clip\xff.mp4"

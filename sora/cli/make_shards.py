@@ -1,20 +1,31 @@
 """`sora-make-shards` (``python -m sora.cli.make_shards``): pack videos (or generated bouncing-ball
 world clips) into webdataset tar shards (the library: :mod:`sora.data.shards`).
 
-    sora-make-shards INPUT OUTPUT [--captions FILE] [--max-side S] [--fps F]
+    sora-make-shards INPUT OUTPUT [--captions FILE] [--max-side S] [--fps F] [--max-seconds S] [--images SECONDS]
+                     [--hdr tonemap|skip]
     sora-make-shards --world N OUTPUT [--world-size 64] [--world-seconds 4] [--seed 0]
 
-INPUT is a folder searched recursively for videos (or a single video file).  Each sample holds
-the video under its container extension (original bytes, untouched) or under ``mp4`` when
-``--max-side``/``--fps`` ask for a re-encode, a ``json`` with the probe metadata of the stored
-video plus ``caption``/``source``/``bytes`` (and ``world`` ground truth for world clips), and the
-caption in ``txt``.  Captions come from a sidecar ``<stem>.txt``, else from ``--captions``
-(JSONL or CSV with path/file and caption), else are empty.  Every input is probed and decoded at
-its head and tail; unreadable, empty, truncated or undecodable files are skipped with one warning
-line each.  Workers probe/encode in parallel, in order, so the output is deterministic; the main
-process writes the shards (tar mtimes are 0, so equal inputs give byte-identical shards).
-Re-encoding decodes a whole clip into memory (``write_av`` takes the clip at once), so clips whose
-decoded frames would exceed REENCODE_LIMIT bytes are skipped rather than exhausting memory.
+INPUT is a folder searched recursively for videos, audio files and images (or a single file).
+Each sample holds the video under its container extension (original bytes, untouched) or under
+``mp4`` when ``--max-side``/``--fps`` ask for a re-encode, a ``json`` with the probe metadata of
+the stored video plus ``caption``/``source``/``bytes`` (and ``world`` ground truth for world
+clips), and the caption in ``txt``.  Captions come from a sidecar ``<stem>.txt``, else from
+``--captions`` (JSONL or CSV with path/file and caption), else are empty.  Every input is probed
+and decoded at its head and tail; unreadable, empty, truncated or undecodable files are skipped
+with one warning line each, and so are audio-only files (wav, flac, mp3, ogg, opus, m4a, aac, or a
+video container without a video stream: "audio only: no video stream") and images (png, jpg,
+jpeg, webp, bmp) unless ``--images SECONDS`` stores each as an mp4 of its one frame held that long
+(``from_image`` in its json).  ``--max-seconds S`` cuts longer videos into consecutive samples of at
+most S seconds, re-encoded (keys ``<key>-000``, ``<key>-001``..., json ``segment`` and
+``segment_start`` in seconds; with it every key gets the suffix, shorter videos are stored as they
+are under ``<key>-000``).  Re-encoding streams: the video is decoded and encoded a window of a few
+seconds at a time, so memory does not grow with its length.  Phone rotation, anamorphic pixels,
+colour and HDR are read as displayed (README, "Real-world inputs"); HDR (PQ/HLG) videos are kept
+and tone mapped to SDR when read or re-encoded, or left out with ``--hdr skip``.  File names need not be UTF-8:
+``source`` keeps them losslessly (``os.fsencode(json["source"])`` gives the bytes back) and
+messages show undecodable bytes as ``\\xNN``.  Workers probe/encode in parallel, in order, so the
+output is deterministic; the main process writes the shards (tar mtimes are 0, so equal inputs give
+byte-identical shards).
 """
 
 from __future__ import annotations
@@ -25,8 +36,16 @@ import os
 import sys
 from pathlib import Path
 
-from sora.data.shards import folder_jobs, world_jobs, write_shards
+from sora.data.shards import folder_jobs, printable, world_jobs, write_shards
 from sora.data.world import WorldConfig
+
+
+EPILOG = """Skipped, one line each with its reason and counted in the summary: unreadable, empty,
+truncated or undecodable files; audio-only files (wav, flac, mp3, ogg, opus, m4a, aac, or a video
+container without a video stream); images (png, jpg, jpeg, webp, bmp) unless --images. Re-encoding
+(--max-side, --fps, --max-seconds) streams a window of a few seconds at a time: memory does not grow
+with a file's length. File names need not be UTF-8: json "source" keeps them losslessly
+(os.fsencode gives the bytes back), messages show undecodable bytes as \\xNN."""
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -39,12 +58,18 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("input", nargs="?", help="folder of videos (omit or ignored with --world)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG)
+    p.add_argument("input", nargs="?", help="folder of videos, or one file (omit or ignored with --world)")
     p.add_argument("output", help="folder for shard-%%06d.tar")  # one positional = OUTPUT
     p.add_argument("--captions", type=Path, help="JSONL or CSV manifest of path/file -> caption")
     p.add_argument("--max-side", type=int, help="re-encode so the longer side is <= this")
     p.add_argument("--fps", type=float, help="re-encode at this frame rate")
+    p.add_argument("--max-seconds", type=float, metavar="S",
+                   help="cut longer videos into re-encoded samples of at most S seconds, keyed KEY-000, KEY-001...")
+    p.add_argument("--images", type=float, metavar="SECONDS",
+                   help="store each image as an mp4 of its one frame held SECONDS (<= 1000; default: skip images)")
+    p.add_argument("--hdr", choices=("tonemap", "skip"), default="tonemap",
+                   help="PQ/HLG videos: keep them (training and re-encodes tone map them to SDR; default) or skip them")
     p.add_argument("--maxsize", type=float, default=256, help="MB per shard (default 256)")
     p.add_argument("--maxcount", type=int, default=10000, help="samples per shard (default 10000)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -63,6 +88,9 @@ def make_jobs(args):
         raise ValueError("--maxsize, --maxcount and --workers must be positive")
     if (args.max_side is not None and args.max_side < 2) or (args.fps is not None and args.fps <= 0):
         raise ValueError("--max-side must be >= 2 and --fps > 0")
+    if (args.max_seconds is not None and not args.max_seconds > 0) or \
+            (args.images is not None and not 0 < args.images <= 1000):
+        raise ValueError("--max-seconds must be > 0 and --images in (0, 1000] seconds")
     if args.world is not None:
         (h, w) = args.world_size
         config = WorldConfig(width=w, height=h, fps=args.world_fps, seconds=args.world_seconds,
@@ -70,11 +98,12 @@ def make_jobs(args):
         return world_jobs(args.world, args.seed, config)
     if args.input is None:
         raise ValueError("INPUT is required (or use --world N)")
-    return folder_jobs(Path(args.input), args.captions, args.max_side, args.fps)
+    return folder_jobs(Path(args.input), args.captions, args.max_side, args.fps, args.images, args.max_seconds,
+                       args.hdr)
 
 
 def fail(msg: str, code: int = 1) -> int:
-    print(f"make_shards: error: {' '.join(msg.split())}", file=sys.stderr)
+    print(printable(f"make_shards: error: {' '.join(msg.split())}", sys.stderr), file=sys.stderr)
     return code
 
 
@@ -99,11 +128,12 @@ def main(argv=None) -> int:
     shards = done.shards
     total_mb = sum(os.path.getsize(f) for f in shards) / 1e6
     glob = shards[0] if len(shards) == 1 else str(out_dir / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
-    print(f"written {done.samples} samples in {len(shards)} shard(s) ({total_mb:.1f} MB) to {out_dir}")
-    print(f"skipped {sum(done.skipped.values())}" + (f" ({why})" if why else ""))
-    print(f"video: {done.seconds / 3600:.3f} hours, {done.with_audio} of {done.samples} with audio; captions: "
-          + ", ".join(f"{n} {kind}" for kind, n in done.captions.items()))
-    print(f"shards: {glob}")
+    say = lambda text: print(printable(text, sys.stdout))  # noqa: E731 - OUTPUT's name may not be UTF-8
+    say(f"written {done.samples} samples in {len(shards)} shard(s) ({total_mb:.1f} MB) to {out_dir}")
+    say(f"skipped {sum(done.skipped.values())}" + (f" ({why})" if why else ""))
+    say(f"video: {done.seconds / 3600:.3f} hours, {done.with_audio} of {done.samples} with audio; captions: "
+        + ", ".join(f"{n} {kind}" for kind, n in done.captions.items()))
+    say(f"shards: {glob}")
     return 0
 
 if __name__ == "__main__":

@@ -249,13 +249,18 @@ class ShardClipStream(ClipStream):
     """Clips from webdataset shards written by ``sora-make-shards`` (:mod:`sora.data.shards`) (or any with a video member).
 
     ``urls``: anything webdataset opens (a path, a brace pattern ``shards-{000..009}.tar``,
-    ``::``-joined lists, ``pipe:`` commands), a glob, or a list of those.
+    ``::``-joined lists, ``pipe:`` commands), a glob, or a list of those. ``audio_track``: which
+    audio stream of multi-track files (None: the default one; an index; a language like "eng").
+    ``hdr``: PQ/HLG video is tone mapped to SDR ("tonemap"), read as coded ("keep") or skipped.
     """
 
-    def __init__(self, urls, timeline: Timeline, batch_size: int, shuffle_buffer: int = 64, **kw):
+    def __init__(self, urls, timeline: Timeline, batch_size: int, shuffle_buffer: int = 64,
+                 audio_track: int | str | None = None, hdr: str = "tonemap", **kw):
         super().__init__(timeline, batch_size, **kw)
+        if hdr not in ("tonemap", "keep", "skip"):
+            raise ValueError(f"data.train.hdr must be tonemap, keep or skip, got {hdr!r}")
         self.urls = expand_shards(urls)
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.audio_track, self.hdr = shuffle_buffer, audio_track, hdr
 
     def items(self, epoch, worker, num_workers):
         urls = list(self.urls)
@@ -294,9 +299,11 @@ class ShardClipStream(ClipStream):
         if not isinstance(caption, (str, type(None))):
             raise ValueError(f"the caption in .json is a {type(caption).__name__}, not text")
         fields = _fields(meta)  # the shard's probe metadata saves opening the container twice
-        if fields is None:  # missing or nonsense: read the container header
+        if fields is None or (self.hdr == "skip" and "hdr" not in meta):  # read the container header
             info = probe_av(data)
-            fields = info.duration, info.height, info.width
+            fields, meta = (info.duration, info.height, info.width), {**meta, "hdr": info.hdr}
+        if self.hdr == "skip" and meta.get("hdr"):
+            raise ValueError(f"HDR ({meta['hdr']}) video skipped (data.train.hdr=skip)")
         duration, height, width = fields[0], int(fields[1]), int(fields[2])
         tl = self.timeline
         room = duration - tl.read_duration
@@ -305,7 +312,8 @@ class ShardClipStream(ClipStream):
         start = float(rng.uniform(0, room)) if (self.random_crop and room > 0) else 0.0
         clip = read_av(data, start=start, duration=tl.read_duration, fps=float(tl.fps_q),
                        size=cover_size(height, width, bucket), sample_rate=tl.sample_rate, channels=self.channels,
-                       threads=1 if get_worker_info() is not None else 0)  # workers: one thread each
+                       threads=1 if get_worker_info() is not None else 0,  # workers: one thread each
+                       audio_track=self.audio_track, hdr="keep" if self.hdr == "keep" else "tonemap")
         if len(clip.frames) < tl.num_frames:
             raise ValueError(f"decoded {len(clip.frames)} frames of the {tl.num_frames} needed")
         frames = crop(clip.frames[:tl.num_frames], bucket, rng if self.random_crop else None)

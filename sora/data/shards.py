@@ -2,14 +2,18 @@
 ``sora-make-shards`` (:mod:`sora.cli.make_shards`, where the options are described).
 
 Each sample holds the video under its container extension (original bytes, untouched) or under
-``mp4`` when a re-encode is asked (``max_side``/``fps``), a ``json`` with the probe metadata of
-the stored video plus ``caption``/``source``/``bytes`` (and ``world`` ground truth for world
-clips), and the caption in ``txt``.  Every input is probed and decoded at its head and tail;
-unreadable, empty, truncated or undecodable files are skipped with a reason each.  Workers
-probe/encode in parallel, in order, so the output is deterministic; the calling process writes the
-shards (tar mtimes are 0, so equal inputs give byte-identical shards).  Re-encoding decodes a whole
-clip into memory (``write_av`` takes the clip at once), so clips whose decoded frames would exceed
-REENCODE_LIMIT bytes are skipped rather than exhausting memory.
+``mp4`` when a re-encode is asked (``max_side``/``fps``/``max_seconds``, or an image), a ``json``
+with the probe metadata of the stored video plus ``caption``/``source``/``bytes`` (and ``world``
+ground truth for world clips, ``from_image`` for images, ``segment``/``segment_start`` for the
+pieces of a long video), and the caption in ``txt``.  Every input is probed and decoded at its
+head and tail; unreadable, empty, truncated or undecodable files, audio-only files (by extension,
+or a video container without a video stream) and images (unless ``images`` seconds are given) are
+skipped with a reason each.  Workers probe/encode in parallel, in order, so the output is
+deterministic; the calling process writes the shards (tar mtimes are 0, so equal inputs give
+byte-identical shards).  Re-encoding streams (:mod:`sora.data.shard_encode`): memory is bounded
+by a window of a few seconds, not by the file.  File names need not be UTF-8: ``source`` keeps
+them losslessly (``os.fsencode(json["source"])`` is the name's bytes; json escapes them as
+``\\udcXX``), keys are ASCII, and messages print undecodable bytes as ``\\xNN``.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sora.data.world import WorldConfig, clip_seed, make_clip
-from sora.media import VIDEO_EXTS, MediaError, probe_av, read_av, write_av
+from sora.data.shard_encode import reencode, still
+from sora.media import VIDEO_EXTS, MediaError, decoded_seconds, probe_av, read_audio, read_av, write_av
 
-REENCODE_LIMIT = 4 << 30  # bytes of decoded RGB frames one re-encoded clip may take
+AUDIO_EXTS = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac")  # seen, and skipped: no video
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")  # skipped, or stored as still clips (``images``)
+AUDIO_ONLY = "audio only: no video stream"
 CHECK_SECONDS = 0.1  # length of the head / tail windows decoded to validate a file
 
 
@@ -45,6 +52,7 @@ class Job:
     ext: str = "mp4"
     seed: int = 0
     caption_from: str = "generated"  # sidecar / manifest / none / generated
+    kind: str = "video"  # video / audio / image (by extension) / world
 
 
 @dataclass(frozen=True)
@@ -52,22 +60,36 @@ class Options:
     max_side: int | None = None
     fps: float | None = None
     world: WorldConfig | None = None
+    images: float | None = None  # seconds an image is held; None: images are skipped
+    max_seconds: float | None = None  # longer videos are cut into segments of at most this
+    hdr: str = "tonemap"  # PQ/HLG video: "tonemap" (stored as is, re-encodes tone mapped to SDR) or "skip"
 
-    @property
-    def reencode(self) -> bool:
-        return self.max_side is not None or self.fps is not None
+    def stores_as_is(self, info) -> bool:
+        """Whether a video with this probe info is stored untouched (no re-encode asked for it)."""
+        return self.max_side is None and self.fps is None and (
+            self.max_seconds is None or 0 < info.duration <= self.max_seconds)
+
+    def key(self, key: str, segment: int) -> str:
+        """Sample key: with ``max_seconds`` every key gets ``-NNN`` (never colliding with a file's)."""
+        return key if self.max_seconds is None else f"{key}-{segment:03d}"
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def find_videos(root: Path) -> list[Path]:
+def kind_of(path: Path) -> str | None:
+    ext = path.suffix[1:].lower()
+    return "video" if ext in VIDEO_EXTS else "audio" if ext in AUDIO_EXTS else "image" if ext in IMAGE_EXTS else None
+
+
+def find_inputs(root: Path) -> list[Path]:
+    """Videos, audio files and images under ``root`` (or ``root`` itself), in walk order (sorted)."""
     if root.is_file():
-        return [root] if root.suffix[1:].lower() in VIDEO_EXTS else []
+        return [root] if kind_of(root) else []
     found = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        found += [Path(folder, f) for f in sorted(files) if Path(f).suffix[1:].lower() in VIDEO_EXTS]
+        found += [Path(folder, f) for f in sorted(files) if kind_of(Path(f))]
     return found
 
 
@@ -117,7 +139,7 @@ def video_jobs(root: Path, captions: Path | None) -> list[Job]:
     by_path, by_name = load_manifest(captions, root) if captions else ({}, {})
     base = root.parent if root.is_file() else root
     jobs, used = [], set()
-    for path in find_videos(root):
+    for path in find_inputs(root):
         rel = path.relative_to(base).as_posix()
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
@@ -127,7 +149,7 @@ def video_jobs(root: Path, captions: Path | None) -> list[Job]:
         else:
             caption, origin = "", "none"
         jobs.append(Job(make_key(rel, used), rel, caption, path=str(path), ext=path.suffix[1:].lower(),
-                        caption_from=origin))
+                        caption_from=origin, kind=kind_of(path)))
     return jobs
 
 
@@ -140,15 +162,30 @@ def describe(info, job: Job, size: int, caption: str | None = None) -> dict:
 
 
 def one_line(err: Exception, src) -> str:
-    """A MediaError's reason without its "<source>: " prefix, on one line."""
+    """A MediaError's reason without its "<source>: " prefix (the name as given, or with
+    undecodable bytes escaped), on one line."""
     msg = " ".join(str(err).split())
-    for prefix in (f"{src}: ", "<bytes>: "):
+    names = [str(src), printable(str(src)), str(src).encode("utf-8", "backslashreplace").decode(), "<bytes>"]
+    for prefix in dict.fromkeys(f"{name}: " for name in names):
         msg = msg[len(prefix):] if msg.startswith(prefix) else msg
     return msg
 
 
+def printable(text: str, stream=None) -> str:
+    """``text`` safe to print on ``stream`` (whatever its errors handler): the undecodable bytes of a
+    file name (``os.fsdecode``'s surrogates) as ``\\xNN``, what the stream cannot encode escaped."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        text = text.encode("utf-8", "backslashreplace").decode()
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 def check_decodes(src: str, info) -> None:
-    """Decode the first frames and the last ones: catches bad streams and truncated files."""
+    """Decode the first frames and the last ones: catches bad streams and truncated files.  When
+    the read at the end fails, the file is decoded from the top before it is called truncated or
+    corrupt: a file whose container cannot seek (a WebM without cues) is kept when it decodes."""
     if len(read_av(src, duration=CHECK_SECONDS).frames) == 0:
         raise MediaError(f"{src}: no decodable video frame")
     if info.duration > 2 * CHECK_SECONDS:  # read_av raises when the data ends before the header says
@@ -156,31 +193,29 @@ def check_decodes(src: str, info) -> None:
             read_av(src, start=info.duration - CHECK_SECONDS)
         except MediaError as e:
             reason = one_line(e, src)
-            if not reason.startswith("truncated"):  # the start decodes, the end does not
-                reason = f"truncated or corrupt: {reason} at the end"
+            try:
+                end = decoded_seconds(src)
+            except MediaError as whole:
+                reason, end = f"{one_line(whole, src)}; at the end: {reason}", 0.0
+            else:
+                if end >= info.duration - max(2 / (info.fps or 25), CHECK_SECONDS):
+                    return  # decodes from the top to the end: good
+            if not reason.startswith("truncated"):
+                reason = f"truncated or corrupt: video decodes to {end:.3f}s of {info.duration:.3f}s ({reason})"
             raise MediaError(f"{src}: {reason}") from None
 
 
-def reencode(src: str, info, opts: Options) -> bytes:
-    h, w = info.height, info.width
-    if opts.max_side is not None and max(h, w) > opts.max_side:
-        h, w = h * opts.max_side / max(h, w), w * opts.max_side / max(h, w)
-    h, w = max(2, int(round(h / 2)) * 2), max(2, int(round(w / 2)) * 2)
-    fps = opts.fps or info.fps or 25.0
-    if info.duration * fps * h * w * 3 > REENCODE_LIMIT:
-        raise MediaError(f"{src}: too long to re-encode in memory ({info.duration:.0f}s at {w}x{h})")
-    sr = info.sample_rate or 16000
-    clip = read_av(src, fps=opts.fps, size=(h, w), sample_rate=sr, channels=min(info.channels, 2) or 1)
-    if len(clip.frames) == 0:
-        raise MediaError(f"{src}: no decodable video frame")
-    audio = clip.audio[:, : round(len(clip.frames) / fps * sr)] if info.has_audio else None
-    out = io.BytesIO()
-    write_av(out, clip.frames, audio, fps, sr)
-    return out.getvalue()
+def holds_audio(src: str) -> bool:
+    try:
+        read_audio(src, duration=0.01)
+        return True
+    except MediaError:
+        return False
 
 
-def process(job: Job, opts: Options) -> tuple[Job, dict | None, bytes | None, str | None]:
-    """Worker: (job, json, re-encoded bytes or None = store the file as is, skip reason or None)."""
+def process(job: Job, opts: Options) -> tuple[Job, list[tuple], str | None]:
+    """Worker: (job, its samples as (key, ext, bytes, json dict), skip reason or None).  A sample's
+    bytes are None when the file is stored as is (the writer reads it: no video through the pool's pipes)."""
     try:
         if opts.world is not None:
             clip = make_clip(job.seed, opts.world)
@@ -188,17 +223,39 @@ def process(job: Job, opts: Options) -> tuple[Job, dict | None, bytes | None, st
             write_av(out, clip.frames, clip.audio, clip.fps, clip.sample_rate)
             data = out.getvalue()
             meta = describe(probe_av(data), job, len(data), clip.caption)
-            return job, {**meta, "world": clip.meta}, data, None
+            return job, [(job.key, "mp4", data, {**meta, "world": clip.meta})], None
+        if job.kind == "audio":
+            return job, [], AUDIO_ONLY
+        if job.kind == "image":
+            if opts.images is None:
+                return job, [], "image: not a video (--images SECONDS stores it as a still clip)"
+            data = still(job.path, probe_av(job.path), opts.images, opts.max_side, opts.fps)
+            meta = {**describe(probe_av(data), job, len(data)), "from_image": True}
+            return job, [(opts.key(job.key, 0), "mp4", data, meta)], None
         info = probe_av(job.path)
-        if not opts.reencode:
+        if info.hdr and opts.hdr == "skip":
+            return job, [], f"HDR ({info.hdr}) video: skipped (--hdr skip)"
+        segment = {} if opts.max_seconds is None else {"segment": 0, "segment_start": 0.0}
+        if opts.stores_as_is(info):
             check_decodes(job.path, info)
-            return job, describe(info, job, os.path.getsize(job.path)), None, None
-        data = reencode(job.path, info, opts)
-        return job, describe(probe_av(data), job, len(data)), data, None
+            meta = {**describe(info, job, os.path.getsize(job.path)), **segment}
+            return job, [(opts.key(job.key, 0), job.ext, None, meta)], None
+        samples = []
+        for i, (start, data) in enumerate(reencode(job.path, info, opts.max_side, opts.fps, opts.max_seconds)):
+            meta = {**describe(probe_av(data), job, len(data)), **segment}
+            if info.hdr:
+                meta["tonemapped_from"] = info.hdr  # re-encoded as SDR (sora.media.picture)
+            if segment:
+                meta.update(segment=i, segment_start=round(start, 6))
+            samples.append((opts.key(job.key, i), "mp4", data, meta))
+        return job, samples, None
     except MediaError as e:
-        return job, None, None, one_line(e, job.path)
+        reason = one_line(e, job.path)
+        if reason == "no video stream" and holds_audio(job.path):
+            reason = AUDIO_ONLY  # an mp4 (or any video container) holding sound only
+        return job, [], reason
     except Exception as e:  # noqa: BLE001 - one bad file must not stop a long run
-        return job, None, None, f"{type(e).__name__}: {' '.join(str(e).split())}"
+        return job, [], f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def reason_kind(reason: str) -> str:
@@ -218,18 +275,23 @@ def world_jobs(n: int, seed: int, config: WorldConfig) -> tuple[list[Job], Optio
         Options(world=config)
 
 
-def folder_jobs(root: Path, captions: Path | None, max_side: int | None = None,
-                fps: float | None = None) -> tuple[list[Job], Options]:
-    """Every video under ``root`` (a folder, searched recursively, or one file), captioned from a sidecar
-    ``<stem>.txt``, else the ``captions`` manifest (JSONL or CSV), else empty. ValueError when none."""
+def folder_jobs(root: Path, captions: Path | None, max_side: int | None = None, fps: float | None = None,
+                images: float | None = None, max_seconds: float | None = None,
+                hdr: str = "tonemap") -> tuple[list[Job], Options]:
+    """Every video, audio file and image under ``root`` (a folder, searched recursively, or one file),
+    captioned from a sidecar ``<stem>.txt``, else the ``captions`` manifest (JSONL or CSV), else empty.
+    ValueError when none."""
     if not root.exists():
         raise ValueError(f"INPUT {root} does not exist")
     if captions is not None and not captions.is_file():
         raise ValueError(f"--captions {captions} is not a file")
     jobs = video_jobs(root, captions)  # ValueError for a bad manifest
     if not jobs:
-        raise ValueError(f"no videos ({', '.join(sorted(VIDEO_EXTS))}) found in {root}")
-    return jobs, Options(max_side=max_side, fps=fps)
+        exts = ", ".join((*VIDEO_EXTS, *AUDIO_EXTS, *IMAGE_EXTS))
+        raise ValueError(f"no videos, audio files or images ({exts}) found in {root}")
+    if hdr not in ("tonemap", "skip"):
+        raise ValueError(f"--hdr must be tonemap or skip, got {hdr!r}")
+    return jobs, Options(max_side=max_side, fps=fps, images=images, max_seconds=max_seconds, hdr=hdr)
 
 
 @dataclass
@@ -254,25 +316,25 @@ def write_shards(jobs: list[Job], opts: Options, out_dir: Path, maxcount: int = 
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = (pool.imap if pool else map)(partial(process, opts=opts), jobs)
-        for job, meta, data, reason in tqdm(results, total=len(jobs), unit="clip", file=sys.stderr,
-                                            disable=None, desc="make_shards"):
-            ext = "mp4" if data is not None else job.ext
-            if data is None and reason is None:
-                try:  # stored as is: read here, not shipped through the pool's pipes
-                    data = Path(job.path).read_bytes()
-                except OSError as e:
-                    reason = f"cannot read ({e.strerror})"
+        for job, samples, reason in tqdm(results, total=len(jobs), unit="clip", file=sys.stderr,
+                                         disable=None, desc="make_shards"):
+            try:  # stored as is: read here, not shipped through the pool's pipes
+                samples = [(k, ext, Path(job.path).read_bytes() if data is None else data, meta)
+                           for k, ext, data, meta in samples]
+            except OSError as e:
+                reason = f"cannot read ({e.strerror})"
             if reason is not None:
-                tqdm.write(f"skip {job.source}: {reason}", file=sys.stderr)
+                tqdm.write(printable(f"skip {job.source}: {reason}", sys.stderr), file=sys.stderr)
                 done.skipped[reason_kind(reason)] += 1
                 continue
-            if writer is None:  # opened on the first sample: no empty shard when all are skipped
-                writer = wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=maxcount,
-                                         maxsize=maxsize_mb * 1e6, post=done.shards.append, verbose=0, mtime=0)
-            writer.write({"__key__": job.key, ext: data, "json": json.dumps(meta).encode(), "txt": meta["caption"]})
-            done.samples, done.with_audio = done.samples + 1, done.with_audio + meta["has_audio"]
-            done.seconds += meta["duration"]
-            done.captions[job.caption_from] += 1
+            for key, ext, data, meta in samples:
+                if writer is None:  # opened on the first sample: no empty shard when all are skipped
+                    writer = wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=maxcount,
+                                             maxsize=maxsize_mb * 1e6, post=done.shards.append, verbose=0, mtime=0)
+                writer.write({"__key__": key, ext: data, "json": json.dumps(meta).encode(), "txt": meta["caption"]})
+                done.samples, done.with_audio = done.samples + 1, done.with_audio + meta["has_audio"]
+                done.seconds += meta["duration"]
+                done.captions[job.caption_from] += 1
     finally:
         if pool is not None:
             pool.terminate()

@@ -1,4 +1,7 @@
-"""Read and write mp4 clips (H.264 video + audio) with PyAV; nothing else in sora touches containers.
+"""Read and write clips (video + audio) with PyAV; nothing else in sora touches containers.
+
+Frames come out as a player displays them (display matrix, sample aspect ratio, colour matrix
+and range, HDR tone mapping: :mod:`sora.media.picture`); :mod:`sora.media.probe` describes a file.
 
 Time axis
 ---------
@@ -22,18 +25,10 @@ The video defines the clip: audio is cut or zero-padded to the video window
 (``audio_mask`` tells real samples from padding); a file without audio gives silence.
 """
 
+from sora.media.probe import AVInfo, MediaError, probe_av  # noqa: F401
 from sora.media.read import (  # noqa: F401
-    AUDIO_PREROLL,
-    VIDEO_EXTS,
-    AudioInfo,
-    AVClip,
-    AVInfo,
-    MediaError,
-    probe_av,
-    read_audio,
-    read_av,
-)
-from sora.media.write import write_av, write_image  # noqa: F401
+    AUDIO_PREROLL, VIDEO_EXTS, AudioInfo, AVClip, decoded_seconds, read_audio, read_av)
+from sora.media.write import AVWriter, write_av, write_image  # noqa: F401
 
-__all__ = ["AVClip", "AVInfo", "AudioInfo", "MediaError", "VIDEO_EXTS", "probe_av", "read_audio", "read_av",
-           "write_av", "write_image"]
+__all__ = ["AVClip", "AVInfo", "AVWriter", "AudioInfo", "MediaError", "VIDEO_EXTS", "decoded_seconds", "probe_av",
+           "read_audio", "read_av", "write_av", "write_image"]

@@ -1,53 +1,32 @@
-"""Read clips, audio and probe metadata with PyAV, on the time axis of :mod:`sora.media`."""
+"""Read clips and audio with PyAV, on the time axis of :mod:`sora.media`."""
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import av
 import numpy as np
 
-__all__ = ["AVClip", "AVInfo", "AudioInfo", "MediaError", "probe_av", "read_audio", "read_av", "VIDEO_EXTS"]
+from sora.media.picture import HDR_MODES, Deinterlacer, to_rgb
+from sora.media.probe import _LAYOUTS, AVInfo, MediaError, audio_stream, opened, probe, seconds
+
+__all__ = ["AVClip", "AudioInfo", "decoded_seconds", "read_audio", "read_av", "VIDEO_EXTS"]
 
 VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m4v")  # containers the project reads
 _WARMUP = 0.05  # seconds of audio resampled before the clip: the resampler's filter settles there
 AUDIO_PREROLL = 0.25  # seconds demuxed before `start`: covers AAC/MP3 decoder warm-up and B-frame reordering
+_BACKOFF = 10.0  # seconds further back a second seek tries when the first lands after `start`
 _EPS = 1e-6  # seconds; slack for float comparisons of timestamps
 _GAP = 0.002  # seconds; an audio pts jump larger than this restarts the resampler
-_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
-
-
-class MediaError(ValueError):
-    """Unreadable, empty, truncated or undecodable media; the message is ``"<source>: <reason>"``."""
-
-
-@dataclass(frozen=True)
-class AVInfo:
-    """What the container header says about a file (see the module docstring for the time axis)."""
-
-    has_audio: bool
-    fps: float  # native average frame rate of the video stream
-    width: int
-    height: int
-    sample_rate: int  # native audio rate, 0 without audio
-    channels: int  # native audio channel count, 0 without audio
-    duration: float  # seconds of the video stream, 0 if unknown
-    num_frames: int  # native frame count (from the header when it has one, else fps*duration)
-    audio_offset: float  # audio start minus first video frame, seconds (positive = audio late)
-    audio_duration: float  # seconds of audio, 0 without audio
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
 class AVClip:
-    """A decoded window of a file: ``frames`` uint8 [T,H,W,3] RGB at ``fps``, ``audio`` float32
-    [channels, N] in [-1, 1] at ``sample_rate`` with ``audio_mask`` bool [N] (True = decoded,
-    False = zero padding), ``start`` = where the window starts on the source's timeline."""
+    """A decoded window of a file: ``frames`` uint8 [T,H,W,3] RGB at ``fps`` as displayed (display
+    matrix and sample aspect ratio applied), ``audio`` float32 [channels, N] in [-1, 1] at
+    ``sample_rate`` with ``audio_mask`` bool [N] (True = decoded, False = zero padding),
+    ``start`` = where the window starts on the source's timeline."""
 
     frames: np.ndarray
     audio: np.ndarray
@@ -56,88 +35,6 @@ class AVClip:
     fps: float
     sample_rate: int
     start: float
-
-
-# ----------------------------------------------------------------------------- opening / probing
-
-
-def _one_line(err: BaseException) -> str:
-    text = getattr(err, "strerror", None) or str(err)  # FFmpegError: skip errno and '<none>' name
-    return " ".join(str(text).split()) or type(err).__name__
-
-
-def _open(src) -> tuple[str, av.container.InputContainer]:
-    """Open `src` (path or bytes) for reading; returns (name used in error messages, container)."""
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        name, data = "<bytes>", bytes(src)
-        if not data:
-            raise MediaError(f"{name}: empty input")
-        target = io.BytesIO(data)
-    elif isinstance(src, (str, os.PathLike)):
-        name = target = str(src)
-        if not os.path.isfile(name):
-            raise MediaError(f"{name}: no such file")
-        if os.path.getsize(name) == 0:
-            raise MediaError(f"{name}: empty file")
-    else:
-        raise TypeError(f"src must be a path or bytes, not {type(src).__name__}")
-    try:
-        return name, av.open(target, mode="r")
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise MediaError(f"{name}: cannot open as media ({_one_line(e)})") from None
-
-
-def _seconds(ts, time_base) -> float | None:
-    return None if ts is None or time_base is None else float(ts * time_base)
-
-
-def _probe(container, name: str) -> tuple[AVInfo, float]:
-    """Build AVInfo from the header; returns (info, video_t0 in stream seconds)."""
-    if not container.streams.video:
-        raise MediaError(f"{name}: no video stream")
-    vs = container.streams.video[0]
-    cc = vs.codec_context
-    if not cc.width or not cc.height:
-        raise MediaError(f"{name}: video stream has no frame size")
-    t0 = _seconds(vs.start_time, vs.time_base)
-    if t0 is None:  # no header start time: take the smallest pts of the first packets
-        pts = [p.pts for p, _ in zip(container.demux(vs), range(64)) if p.pts is not None]
-        t0 = float(min(pts) * vs.time_base) if pts else 0.0
-        container.seek(0)
-    duration = _seconds(vs.duration, vs.time_base)
-    if not duration and container.duration:  # fall back to the container's duration
-        c_start = (container.start_time or 0) / av.time_base
-        duration = container.duration / av.time_base + c_start - t0
-    duration = max(0.0, duration or 0.0)
-    rate = vs.average_rate or vs.guessed_rate or vs.base_rate
-    fps = float(rate) if rate else (vs.frames / duration if vs.frames and duration else 0.0)
-    num_frames = vs.frames or int(round(fps * duration))
-    sample_rate = channels = 0
-    audio_offset = audio_duration = 0.0
-    if container.streams.audio:
-        ast = container.streams.audio[0]
-        sample_rate = ast.codec_context.sample_rate or 0
-        channels = ast.codec_context.channels or 0
-        a_start = _seconds(ast.start_time, ast.time_base)
-        audio_offset = 0.0 if a_start is None else a_start - t0
-        audio_duration = _seconds(ast.duration, ast.time_base) or max(0.0, duration - audio_offset)
-    info = AVInfo(
-        has_audio=bool(container.streams.audio), fps=fps, width=cc.width, height=cc.height,
-        sample_rate=sample_rate, channels=channels, duration=duration, num_frames=num_frames,
-        audio_offset=audio_offset, audio_duration=audio_duration,
-    )
-    return info, t0
-
-
-def probe_av(src) -> AVInfo:
-    """Describe `src` (path or bytes) from its header; decodes nothing."""
-    name, container = _open(src)
-    try:
-        return _probe(container, name)[0]
-    except av.FFmpegError as e:
-        raise MediaError(f"{name}: cannot read header ({_one_line(e)})") from None
-    finally:
-        container.close()
 
 
 # ----------------------------------------------------------------------------- reading
@@ -199,75 +96,82 @@ class _AudioPlacer:
             self.pos += x.shape[1]
 
 
-def _to_rgb(frame, size) -> np.ndarray:
-    if size is None:
-        return frame.to_ndarray(format="rgb24")
-    return frame.reformat(width=size[1], height=size[0], format="rgb24").to_ndarray()
-
-
 def read_av(src, start: float = 0.0, duration: float | None = None, fps: float | None = None,
             size: tuple[int, int] | None = None, sample_rate: int = 16000, channels: int = 1,
-            threads: int = 0) -> AVClip:
+            threads: int = 0, audio_track: int | str | None = None, hdr: str = "tonemap",
+            deinterlace: bool | None = None) -> AVClip:
     """Decode the window [start, start+duration) of `src` (path or bytes) into an AVClip.
 
     Video: with ``fps=None`` the native frames whose pts lies in the window; with `fps` the frame
     displayed at each instant ``start + i/fps`` (i < floor(duration*fps)), i.e. the last native
-    frame with pts <= that instant; instants past the last frame's display time give no frame.
-    ``size=(H, W)`` rescales with libswscale.  ``duration=None`` reads to the end of the video.
-    Audio: down-mixed to `channels` (1 = channel average, 2 from mono = duplicate, other cases by
+    frame with pts <= that instant (so a variable frame rate is sampled on its timestamps);
+    instants past the last frame's display time give no frame.  Frames come out as displayed
+    (:mod:`sora.media.picture`: rotation, mirroring, sample aspect ratio, colour matrix and range,
+    HDR tone mapping unless ``hdr="keep"``, deinterlacing of interlaced frames unless
+    ``deinterlace=False``; ``True`` deinterlaces every frame); ``size=(H, W)`` is the displayed size to rescale to
+    (libswscale).  ``duration=None`` reads to the last decodable frame (not to the header's
+    duration, which some containers only estimate).
+    Audio: the track chosen by `audio_track` (see :func:`sora.media.probe.audio_stream`),
+    down-mixed to `channels` (1 = channel average, 2 from mono = duplicate, other cases by
     libswresample's mixing), resampled to `sample_rate`, placed by pts (module docstring), and
     exactly ``round(duration * sample_rate)`` samples long (video duration when not given).
     ``threads``: decoder threads, 0 = FFmpeg's frame+slice threading over all cores (fastest for
     one reader), 1 = single-threaded (fastest when several processes decode at once, as
     DataLoader workers do: measured in experiments/benchmarks).
+    Seeking never rejects a good file: a seek that fails (no index) or lands past `start` or on
+    nothing decodable is retried further back and finally from the top of the file.
     Raises MediaError for unreadable input, and for a truncated file whose video data ends well
     before its header's duration when the requested window reaches past the damage; a window
     that lies wholly in the intact part of a truncated file reads normally.
     """
-    if start < 0 or (duration is not None and duration < 0):
+    if not (start >= 0 and (duration is None or duration >= 0)) or not math.isfinite(start):
         raise ValueError(f"start and duration must be >= 0, got start={start} duration={duration}")
-    if (fps is not None and fps <= 0) or sample_rate <= 0 or channels < 1:
+    if (fps is not None and not fps > 0) or sample_rate <= 0 or channels < 1:
         raise ValueError(f"bad fps={fps} / sample_rate={sample_rate} / channels={channels}")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise ValueError(f"size must be (H, W) with positive ints, got {size}")
-    name, container = _open(src)
-    try:
+    if hdr not in HDR_MODES:
+        raise ValueError(f"hdr must be one of {HDR_MODES}, got {hdr!r}")
+    with opened(src, "decode") as (name, container):
         for stream in container.streams:
             if threads != 1:
                 stream.codec_context.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
-        return _read(container, name, float(start), duration, fps, size, sample_rate, channels)
-    except av.FFmpegError as e:
-        raise MediaError(f"{name}: cannot decode ({_one_line(e)})") from None
-    finally:
-        container.close()
+        return _read(container, name, float(start), duration, fps, size, sample_rate, channels, audio_track, hdr,
+                     deinterlace)
 
 
-def _read(container, name, start, duration, fps, size, sample_rate, channels) -> AVClip:
-    info, t0 = _probe(container, name)
-    if duration is not None:
-        end = start + duration
-    else:  # to the end of the video; unknown (0) duration: to EOF
-        end = max(start, info.duration) if info.duration else math.inf
+def _read(container, name, start, duration, fps, size, sample_rate, channels, audio_track, hdr,
+          deinterlace) -> AVClip:
+    info, t0, display = probe(container, name, audio_track)
+    end = start + duration if duration is not None else math.inf  # None: to the last decodable frame
     vs = container.streams.video[0]
-    ast = container.streams.audio[0] if container.streams.audio else None
-    seek_t = start - AUDIO_PREROLL
-    while True:
+    ast = audio_stream(container, audio_track, name)
+    picture = _Picture(display, size, hdr)
+    deint = info.interlaced if deinterlace is None else deinterlace  # auto: when the stream says so
+    tries = [t for t in (start - AUDIO_PREROLL, start - AUDIO_PREROLL - _BACKOFF) if t > 0] + [0.0]
+    for seek_t in tries:
         if seek_t > 0:
-            container.seek(int((t0 + seek_t) / vs.time_base), stream=vs, backward=True)
+            try:
+                container.seek(int((t0 + seek_t) / vs.time_base), stream=vs, backward=True)
+            except av.FFmpegError:  # cannot seek (e.g. no index): try further back, then the top
+                continue
+        else:
+            container.seek(0)
         frames, first_t, last_end, hit_eof, placer = _decode(
-            container, vs, ast, t0, info, start, end, fps, size, sample_rate, channels)
-        if seek_t <= 0 or first_t is None or first_t <= start + _EPS:
-            break
-        seek_t = 0.0  # landed on a keyframe after `start`: decode from the top instead
-        container.seek(0)
+            container, vs, ast, t0, info, start, end, fps, picture, sample_rate, channels, keyframe=seek_t > 0,
+            deinterlacer=Deinterlacer(vs, every_frame=deinterlace is True) if deint else None)
+        if seek_t <= 0 or (first_t is not None and first_t <= start + _EPS):
+            break  # landed on a keyframe at or before `start` (or decoded from the top)
     # truncation check, only against a duration the video stream itself declares
     slack = max(2.0 / info.fps if info.fps else 0.08, 0.05)
     if hit_eof and vs.duration and last_end < min(end, info.duration) - slack:
         seen = f"video data ends at {last_end:.3f}s" if first_t is not None else "no decodable video"
         raise MediaError(f"{name}: truncated or corrupt: {seen} but the header says {info.duration:.3f}s")
-    if math.isinf(end):  # no duration known up front: the decoded video defines the clip
+    if math.isinf(end):  # read to the end: the decoded video defines the clip (headers may estimate)
         end = max(start, last_end)
+        if fps is not None:  # floor(seconds * fps), forgiving one tick of the stream's timestamp rounding
+            frames = frames[:math.floor((end - start) * fps + _EPS + fps * float(vs.time_base or 0))]
     audio, mask = placer.render(round((end - start) * sample_rate))
     h, w = size if size is not None else (info.height, info.width)
     arr = np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8)
@@ -275,8 +179,21 @@ def _read(container, name, start, duration, fps, size, sample_rate, channels) ->
                   fps=float(fps) if fps is not None else info.fps, sample_rate=sample_rate, start=start)
 
 
-def _decode(container, vs, ast, t0, info, start, end, fps, size, sample_rate, channels):
-    """One demux pass from the container's current position.
+class _Picture:
+    """Frame -> displayed RGB at the read's size (every frame, also after a mid-stream size change)."""
+
+    def __init__(self, display, size, hdr):
+        self.display, self.hdr = display, hdr
+        self.size = size if size is not None else (display.height, display.width)
+
+    def __call__(self, frame) -> np.ndarray:
+        return to_rgb(frame, self.display, self.size, self.hdr)
+
+
+def _decode(container, vs, ast, t0, info, start, end, fps, picture, sample_rate, channels, keyframe, deinterlacer):
+    """One demux pass from the container's current position; with `keyframe`, video packets
+    before the first keyframe are skipped (a seek may land mid-GOP: decoding from there would
+    give broken pictures).
 
     Returns (frames, time of the first decoded video frame, display end of the last one,
     whether EOF was reached, audio placer); times are on the clip's source timeline.
@@ -298,27 +215,35 @@ def _decode(container, vs, ast, t0, info, start, end, fps, size, sample_rate, ch
     def emit_until(limit_t):  # repeat `prev` for each target instant before limit_t
         while len(frames) < n_targets and start + len(frames) / fps < limit_t - _EPS:
             if prev[2] is None:
-                prev[2] = _to_rgb(prev[1], size)
+                prev[2] = picture(prev[1])
             frames.append(prev[2])
+
+    def show(decoded):  # place decoded video frames on the window
+        nonlocal first_t, prev, last_end, video_done
+        for frame in decoded:
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * frame.time_base) - t0
+            dur = float(frame.duration * frame.time_base) if frame.duration else 1.0 / (info.fps or 25)
+            first_t = t if first_t is None else first_t
+            last_end = max(last_end, t + dur)
+            if fps is None:
+                if start - _EPS <= t < end - _EPS:
+                    frames.append(picture(frame))
+            else:
+                if prev is None:  # nothing shown before the first frame: it covers earlier instants
+                    prev = [t, frame, None]
+                emit_until(t)
+                prev = [t, frame, None]
+            video_done = video_done or t >= end - _EPS
 
     for packet in container.demux(*([vs] if ast is None else [vs, ast])):
         if packet.stream is vs and not video_done:
-            for frame in packet.decode():
-                if frame.pts is None:
-                    continue
-                t = float(frame.pts * frame.time_base) - t0
-                dur = float(frame.duration * frame.time_base) if frame.duration else 1.0 / (info.fps or 25)
-                first_t = t if first_t is None else first_t
-                last_end = max(last_end, t + dur)
-                if fps is None:
-                    if start - _EPS <= t < end - _EPS:
-                        frames.append(_to_rgb(frame, size))
-                else:
-                    if prev is None:  # nothing shown before the first frame: it covers earlier instants
-                        prev = [t, frame, None]
-                    emit_until(t)
-                    prev = [t, frame, None]
-                video_done = video_done or t >= end - _EPS
+            if keyframe and not packet.is_keyframe:
+                continue
+            keyframe = False
+            decoded = packet.decode()
+            show(decoded if deinterlacer is None else [f for d in decoded for f in deinterlacer.push(d)])
         elif packet.stream is ast and not audio_done:
             for frame in packet.decode():
                 placer.push(frame)
@@ -328,10 +253,32 @@ def _decode(container, vs, ast, t0, info, start, end, fps, size, sample_rate, ch
         if video_done and audio_done:
             hit_eof = False
             break
+    if deinterlacer is not None and not video_done:
+        show(deinterlacer.flush())  # the frames bwdif held back to look ahead
     if hit_eof and fps is not None and prev is not None:  # the last frame shows until its end
         emit_until(last_end)
     placer.flush()
     return frames, first_t, last_end, hit_eof, placer
+
+
+def decoded_seconds(src) -> float:
+    """Decode every video frame of `src` from the top (no conversion, constant memory) and return
+    where the last one's display ends, in seconds from the first frame; MediaError when decoding
+    fails on the way. The judge of "truncated or corrupt" when a windowed read near the end fails."""
+    with opened(src, "decode") as (name, container):
+        vs = container.streams.video[0] if container.streams.video else None
+        if vs is None:
+            raise MediaError(f"{name}: no video stream")
+        t0, end = None, 0.0
+        for packet in container.demux(vs):
+            for frame in packet.decode():
+                if frame.pts is not None:
+                    t = float(frame.pts * frame.time_base)
+                    t0 = t if t0 is None else min(t0, t)
+                    end = max(end, t + float((frame.duration or 0) * frame.time_base))
+        if t0 is None:
+            raise MediaError(f"{name}: no decodable video frame")
+        return end - t0
 
 
 @dataclass(frozen=True)
@@ -348,9 +295,10 @@ class AudioInfo:
 
 
 def read_audio(src, sample_rate: int = 16000, channels: int = 1, start: float = 0.0,
-               duration: float | None = None) -> tuple[np.ndarray, AudioInfo]:
-    """Decode the first audio stream of `src` (path or bytes; a wav / flac / mp3 / ogg file, or the
-    audio track of a video file) -> (audio float32 [channels, N] in [-1, 1] at `sample_rate`, info).
+               duration: float | None = None, audio_track: int | str | None = None) -> tuple[np.ndarray, AudioInfo]:
+    """Decode an audio stream of `src` (path or bytes; a wav / flac / mp3 / ogg file, or a video
+    file's audio; `audio_track` as in :func:`read_av`) -> (audio float32 [channels, N] in [-1, 1]
+    at `sample_rate`, info).
 
     The time axis is the *audio stream's own*: time zero is its start time (0 when the header has
     none), whatever a video stream in the same file does; samples are placed by pts and resampled
@@ -362,12 +310,11 @@ def read_audio(src, sample_rate: int = 16000, channels: int = 1, start: float = 
         raise ValueError(f"start and duration must be >= 0, got start={start} duration={duration}")
     if sample_rate <= 0 or channels < 1:
         raise ValueError(f"bad sample_rate={sample_rate} / channels={channels}")
-    name, container = _open(src)
-    try:
-        if not container.streams.audio:
+    with opened(src, "decode") as (name, container):
+        ast = audio_stream(container, audio_track, name)
+        if ast is None:
             raise MediaError(f"{name}: no audio stream")
-        ast = container.streams.audio[0]
-        zero = (_seconds(ast.start_time, ast.time_base) or 0.0) + start
+        zero = (seconds(ast.start_time, ast.time_base) or 0.0) + start
         limit = math.inf if duration is None else round(duration * sample_rate)
         if ast.duration and ast.start_time is not None:  # whole codec frames decode: keep the declared length
             limit = min(limit, round((float((ast.start_time + ast.duration) * ast.time_base) - zero) * sample_rate))
@@ -389,7 +336,3 @@ def read_audio(src, sample_rate: int = 16000, channels: int = 1, start: float = 
         cc = ast.codec_context
         return audio, AudioInfo(sample_rate=cc.sample_rate or 0, channels=cc.channels or 0,
                                 duration=n / sample_rate, has_video=bool(container.streams.video))
-    except av.FFmpegError as e:
-        raise MediaError(f"{name}: cannot decode ({_one_line(e)})") from None
-    finally:
-        container.close()
