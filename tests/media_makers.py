@@ -145,3 +145,24 @@ def strip_cues(data: bytes) -> bytes:
     total = 4 + n + size
     data[i:i + total] = b"\xec\x01" + (total - 9).to_bytes(7, "big") + bytes(total - 9)
     return bytes(data)
+
+
+def audio_with_cover_art(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """An m4a-style mp4: AAC audio plus a cover picture (a one-frame MJPEG stream marked attached_pic)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        a = c.add_stream("aac", rate=rate, layout="mono")
+        v = c.add_stream("mjpeg", rate=1)
+        v.width = v.height = 32
+        v.pix_fmt, v.disposition = "yuvj420p", av.stream.Disposition.attached_pic
+        cover = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 128, np.uint8), format="rgb24").reformat(format="yuvj420p")
+        cover.pts = 0
+        c.mux(v.encode(cover))
+        c.mux(v.encode(None))
+        x = (0.3 * np.sin(np.arange(int(seconds * rate)) / 3)).astype(np.float32)
+        for i in range(0, len(x), 1024):
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[None, i:i + 1024]), format="fltp", layout="mono")
+            fr.sample_rate, fr.pts = rate, i
+            c.mux(a.encode(fr))
+        c.mux(a.encode(None))
+    return buf.getvalue()

@@ -12,7 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from media_makers import Track, Video, encode, pattern, strip_cues
+from media_makers import Track, Video, audio_with_cover_art, encode, pattern, strip_cues
 
 from sora.media import MediaError, decoded_seconds, probe_av, read_audio, read_av
 from sora.media.picture import PEAK, REFERENCE_WHITE
@@ -181,6 +181,20 @@ def test_the_default_audio_track_or_the_one_asked_for():
         read_av(data, audio_track=2)
     with pytest.raises(MediaError, match="no audio track in language 'deu' .*eng, fra"):
         probe_av(data, audio_track="deu")
+
+
+def test_cover_art_is_not_video(tmp_path):
+    """A music file's cover picture (an attached_pic stream) is no video: the shard maker says audio only."""
+    from sora.data.shards import AUDIO_ONLY, Job, Options, process
+
+    data = audio_with_cover_art()
+    with pytest.raises(MediaError, match="<bytes>: no video stream"):
+        probe_av(data)
+    audio, info = read_audio(data)
+    assert not info.has_video and audio.shape == (1, SR)
+    path = tmp_path / "song.mp4"
+    path.write_bytes(data)
+    assert process(Job("song", "song.mp4", "", path=str(path), ext="mp4"), Options())[2] == AUDIO_ONLY
 
 
 # ----------------------------------------------------------------------------- colour, bit depth, HDR

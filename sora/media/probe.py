@@ -114,10 +114,21 @@ def seconds(ts, time_base) -> float | None:
     return None if ts is None or time_base is None else float(ts * time_base)
 
 
+def video_stream(container):
+    """The first video stream that is a video: a music file's cover art (an attached picture) is not."""
+    pic = av.stream.Disposition.attached_pic
+    return next((s for s in container.streams.video if not s.disposition & pic), None)
+
+
+def audio_tracks(container) -> list:
+    """The audio streams that can be decoded (a stream in a codec FFmpeg does not know has none)."""
+    return [s for s in container.streams.audio if s.codec_context is not None]
+
+
 def audio_stream(container, track: int | str | None, name: str):
     """The audio stream to read: ``track=None`` the one marked default (else the first), an int
     the n-th audio stream, a str the first with that language tag (e.g. "eng"); None without audio."""
-    streams = list(container.streams.audio)
+    streams = audio_tracks(container)
     if not streams:
         return None
     if track is None:
@@ -164,10 +175,12 @@ def probe(container, name: str, track: int | str | None = None, frame=None) -> t
 
     ``frame``: a decoded first frame when the caller has one; otherwise one is decoded here (the
     display matrix, interlacing and colour tags travel with decoded frames)."""
-    if not container.streams.video:
+    vs = video_stream(container)
+    if vs is None:
         raise MediaError(f"{name}: no video stream")
-    vs = container.streams.video[0]
     cc = vs.codec_context
+    if cc is None:
+        raise MediaError(f"{name}: video stream in an unknown codec")
     if not cc.width or not cc.height:
         raise MediaError(f"{name}: video stream has no frame size")
     t0 = seconds(vs.start_time, vs.time_base)
@@ -207,8 +220,8 @@ def probe(container, name: str, track: int | str | None = None, frame=None) -> t
         color_range={1: "tv", 2: "pc"}.get(int(src.color_range or 0), ""),
         color_matrix=_enum_name(src.colorspace), hdr=hdr_of(src.color_trc),
         interlaced=bool(frame.interlaced_frame) if frame is not None else False,
-        audio_stream=list(container.streams.audio).index(ast) if ast is not None else -1,
-        audio_streams=len(container.streams.audio), duration_from=duration_from,
+        audio_stream=audio_tracks(container).index(ast) if ast is not None else -1,
+        audio_streams=len(audio_tracks(container)), duration_from=duration_from,
     )
     return info, t0, display
 

@@ -9,7 +9,7 @@ import av
 import numpy as np
 
 from sora.media.picture import HDR_MODES, Deinterlacer, to_rgb
-from sora.media.probe import _LAYOUTS, AVInfo, MediaError, audio_stream, opened, probe, seconds
+from sora.media.probe import _LAYOUTS, AVInfo, MediaError, audio_stream, opened, probe, seconds, video_stream
 
 __all__ = ["AVClip", "AudioInfo", "decoded_seconds", "read_audio", "read_av", "VIDEO_EXTS"]
 
@@ -134,6 +134,8 @@ def read_av(src, start: float = 0.0, duration: float | None = None, fps: float |
         raise ValueError(f"hdr must be one of {HDR_MODES}, got {hdr!r}")
     with opened(src, "decode") as (name, container):
         for stream in container.streams:
+            if stream.codec_context is None:  # a data stream, or a codec FFmpeg does not know
+                continue
             if threads != 1:
                 stream.codec_context.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
@@ -145,7 +147,7 @@ def _read(container, name, start, duration, fps, size, sample_rate, channels, au
           deinterlace) -> AVClip:
     info, t0, display = probe(container, name, audio_track)
     end = start + duration if duration is not None else math.inf  # None: to the last decodable frame
-    vs = container.streams.video[0]
+    vs = video_stream(container)
     ast = audio_stream(container, audio_track, name)
     picture = _Picture(display, size, hdr)
     deint = info.interlaced if deinterlace is None else deinterlace  # auto: when the stream says so
@@ -266,7 +268,7 @@ def decoded_seconds(src) -> float:
     where the last one's display ends, in seconds from the first frame; MediaError when decoding
     fails on the way. The judge of "truncated or corrupt" when a windowed read near the end fails."""
     with opened(src, "decode") as (name, container):
-        vs = container.streams.video[0] if container.streams.video else None
+        vs = video_stream(container)
         if vs is None:
             raise MediaError(f"{name}: no video stream")
         t0, end = None, 0.0
@@ -335,4 +337,4 @@ def read_audio(src, sample_rate: int = 16000, channels: int = 1, start: float = 
         audio, _ = placer.render(n)
         cc = ast.codec_context
         return audio, AudioInfo(sample_rate=cc.sample_rate or 0, channels=cc.channels or 0,
-                                duration=n / sample_rate, has_video=bool(container.streams.video))
+                                duration=n / sample_rate, has_video=video_stream(container) is not None)
