@@ -107,9 +107,8 @@ def _process(shards, job, opts, trace: bool = False):
         res = shards.process(job, opts)
     finally:
         sys.settrace(None)
-    # (job, json, bytes, reason) before the rewrite of sora/data/shards.py, (job, samples, reason) after
-    metas = ([res[1]] if res[1] else []) if len(res) == 4 else [sample[3] for sample in res[1]]
-    return res[-1], metas, seen[-1] if seen else None
+    _, samples, reason = res
+    return reason, [meta for *_, meta in samples], seen[-1] if seen else None
 
 
 def run_call(call: str, data: bytes, ext: str, params: dict, tmp: str) -> tuple:
