@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sora.diffusion.flow import (
+    DEFAULT_TASK_PROBS,
     TASKS,
     drop_captions,
     drop_text,
@@ -80,8 +81,7 @@ def test_sample_task_frequencies():
     n = 40_000
     tasks = sample_task(n, generator=g(5))
     assert tasks.shape == (n,) and tasks.dtype == torch.long
-    expected = {"t2av": 0.6, "v2a": 0.15, "a2v": 0.15, "continuation": 0.1}
-    for name, p in expected.items():
+    for name, p in DEFAULT_TASK_PROBS.items():
         freq = (tasks == TASKS.index(name)).float().mean().item()
         assert abs(freq - p) < 0.01, (name, freq)
     only = sample_task(100, {"v2a": 1.0}, generator=g(6))
@@ -118,6 +118,46 @@ def test_timesteps_for_tasks_and_clean_masks():
     vt = out.video_token_t
     assert (vt[out.clean_video] == 0).all()
     assert torch.equal(vt[~out.clean_video], out.t_video[:, None].expand(b, tv)[~out.clean_video])
+
+
+def _runs(mask_row) -> list[tuple[int, int]]:
+    """[(start, end)] of the True runs of a 1-D bool tensor."""
+    padded = torch.cat([torch.tensor([False]), mask_row, torch.tensor([False])]).int()
+    edges = torch.nonzero(padded.diff()).flatten()
+    return [(int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(video_len=st.integers(1, 12), per_step=st.integers(1, 9), seed=st.integers(0, 10**6))
+def test_retake_and_first_last_masks(video_len, per_step, seed):
+    """A retake regenerates one window, the same seconds on both streams (or one stream, the other
+    kept whole); first_last keeps the first and last steps. Property test over clip lengths."""
+    audio_len = video_len * per_step + seed % 3  # audio steps need not be a multiple of video steps
+    tasks = task_ids(["retake", "first_last"] * 16)
+    t = torch.full((32,), 0.7)
+    out = timesteps_for_tasks(tasks, t, t.clone(), video_len, audio_len, generator=g(seed))
+    for i, name in enumerate(["retake", "first_last"] * 16):
+        cv, ca = out.clean_video[i], out.clean_audio[i]
+        gen_v, gen_a = _runs(~cv), _runs(~ca)
+        if name == "retake":
+            assert len(gen_v) <= 1 and len(gen_a) <= 1 and (gen_v or gen_a)  # one window, somewhere
+            if gen_v and gen_a:  # both streams: the same seconds
+                (lv, hv), (la, ha) = gen_v[0], gen_a[0]
+                assert abs(lv / video_len - la / audio_len) <= 0.5 / audio_len + 1e-9
+                assert abs(hv / video_len - ha / audio_len) <= 0.5 / audio_len + 1e-9
+            if not gen_v:
+                assert out.t_video[i] == 0 and cv.all()  # the video is kept whole
+            if not gen_a:
+                assert out.t_audio[i] == 0 and ca.all()
+            if gen_v:
+                assert gen_v[0][1] - gen_v[0][0] <= max(1, round(0.5 * video_len))
+        else:
+            if cv.any():
+                assert cv[0] and cv[-1] and cv.sum() == min(2, video_len)
+            if ca.any() and video_len > 2:
+                assert ca[0] and ca[-1] and not ca.all()
+            assert cv.any() or ca.any()
+            assert out.t_video[i] == (0.0 if cv.all() else 0.7) and out.t_audio[i] == (0.0 if ca.all() else 0.7)
 
 
 def test_drop_text():

@@ -233,3 +233,27 @@ def test_sample_errors_are_one_line(dit_ckpt, av_input, tmp_path):
     junk.write_bytes(b"junk")
     with pytest.raises(SystemExit, match=r"^sora-sample: .*junk.ckpt: truncated, corrupt or not a torch checkpoint"):
         run_sample(junk)
+
+
+def test_edits_from_the_command_line(dit_ckpt, av_input, tmp_path, capsys):
+    """extend= continues the input (its first second kept as read), retake= and remix= write a clip of the input's
+    length; mixing edits or leaving out video= is a one-line error."""
+    out = tmp_path / "extended.mp4"
+    assert run_sample(dit_ckpt, f"video={av_input}", "extend=1.0", "seconds=2", f"out={out}", "prompt=a ball") == [out]
+    assert "extend: 17 frames, 2.00 s of sound" in capsys.readouterr().out
+    got = read_av(str(out), fps=8, sample_rate=16000)
+    ref = read_av(str(av_input), fps=8, size=(32, 32), duration=1.125).frames
+    assert got.frames.shape == (17, 32, 32, 3) and psnr(got.frames[:9], ref) > 30  # the context, as given
+    assert got.audio.shape[-1] >= 2 * 16000 - 160
+    for edit, word in (("retake=[0.5,1.0]", "retake"), ("remix=a blue ball", "remix")):
+        out = tmp_path / f"{word}.mp4"
+        run_sample(dit_ckpt, f"video={av_input}", edit, "retake_audio=false", f"out={out}", "prompt=a ball")
+        assert f"({word}: 9 frames, 1.00 s of sound)" in capsys.readouterr().out
+        assert probe_av(str(out)).num_frames == 9
+    with pytest.raises(SystemExit, match="extend/retake= edits a clip: give video=IN.mp4, one edit at a time"):
+        run_sample(dit_ckpt, f"video={av_input}", "extend=1.0", "retake=[0,1]")
+    with pytest.raises(SystemExit, match="extend= edits a clip: give video=IN.mp4"):
+        run_sample(dit_ckpt, "extend=1.0")
+    with pytest.raises(SystemExit, match=r"extend=0.5: the context \(seconds - extend = 0.5 s\) must be a positive "
+                                         r"multiple of 1 s"):
+        run_sample(dit_ckpt, f"video={av_input}", "extend=0.5", "seconds=1")

@@ -81,7 +81,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["world"] == 2 and set(report["cases"]) == {"joint_padded", "joint_even_checkpointed",
-                                                               "dual_stream_padded", "joint_padded_flash_twin"}
+                                                               "dual_stream_padded", "joint_padded_flash_twin",
+                                                               "dual_stream_per_token_t"}
     for name, r in report["cases"].items():
         for what in ("out", "grad_inputs", "grad_params"):
             assert r[what]["scaled"] < 1e-5, (name, what, r[what])

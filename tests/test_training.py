@@ -239,3 +239,30 @@ def test_outside_transforms_keep_the_dit_function_and_keys():
     for r, o in zip(ref, out):
         torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-4)
         assert r.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("task", ["retake", "first_last", "continuation"])
+def test_dit_step_gives_the_dit_per_token_timesteps(task):
+    """Partly clean streams reach the DiT as per-token timesteps, 0 exactly at the clean tokens; those
+    tokens are kept at their latents in the input and carry no loss."""
+    module = _dit_module(task_probs={task: 1.0}, text_drop_prob=0.0)
+    seen = {}
+    forward = module.dit.forward
+
+    def spy(video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
+        seen.update(video=video, t_video=t_video, t_audio=t_audio)
+        return forward(video, audio, text, text_mask, t_video, t_audio, video_times, audio_times)
+
+    module.dit.forward = spy
+    module.log_dict = module.log = lambda *a, **kw: None
+    torch.manual_seed(3)
+    loss = module.training_step(_batch(), 0)
+    assert torch.isfinite(loss)
+    tv, ta = seen["t_video"], seen["t_audio"]
+    assert tv.shape == (2, TL.video_latent_steps) or ta.shape == (2, TL.audio_latent_steps)
+    z = module.normalize(module.encode(_batch()))
+    if tv.dim() == 2:
+        clean = tv == 0
+        assert clean.any() and (tv[~clean] > 0).all()
+        kept = clean[:, None, :, None, None].expand_as(z["video"])
+        assert torch.equal(seen["video"][kept], z["video"][kept])  # clean tokens enter as their latents

@@ -19,6 +19,12 @@ Besides ``prompt=``:
 - ``audio=IN.wav`` (audio-to-video; any file PyAV opens, e.g. the audio track of an mp4): the
   sound, 16 kHz mono, cut / zero-padded to ``seconds`` (default: its duration rounded down), is
   the clean condition; the mp4 has the generated picture and the input sound.
+- ``video=IN.mp4`` with an edit (the input's picture and its own sound; the README's "Edits"):
+  ``extend=S`` continues it by S seconds (the last ``seconds - S`` of the input are the clean context,
+  ``seconds`` defaulting to the training length; the mp4 is the input followed by the new part),
+  ``retake=[t0,t1]`` regenerates that window (``retake_video`` / ``retake_audio`` false: that stream
+  kept), ``remix="new prompt" strength=0.6`` re-noises the clip to that level and samples it back
+  (``remix_video`` / ``remix_audio``). Kept latent tokens are bit-equal to the input's encoding.
 - ``prompts=FILE``: one prompt per (non-blank) line, seed ``seed + i`` for line ``i``; ``out``
   is then a folder (``out=DIR`` -> DIR/000.mp4, DIR/001.mp4, ...) or a pattern with a
   printf field (``out=clips/ball-%03d.mp4``); default ``outputs/samples/``.
@@ -101,6 +107,12 @@ def sample(cfg: DictConfig) -> list[Path]:
             raise SystemExit(f"sora-sample: {key}={cfg[key]}: no such file")
     if cfg.prompts is not None and cfg.prompt:
         raise SystemExit("sora-sample: give prompt= or prompts= (a file, one prompt per line), not both")
+    edits = [k for k in ("extend", "retake", "remix") if cfg[k] is not None]
+    if edits and (cfg.video is None or len(edits) > 1 or cfg.prompts is not None):
+        raise SystemExit(f"sora-sample: {'/'.join(edits)}= edits a clip: give video=IN.mp4, one edit at a time, "
+                         "and prompt= (not prompts=)")
+    if edits:
+        return [edit(cfg, edits[0])]
     prompts = read_prompts(cfg.prompts) if cfg.prompts is not None else [str(cfg.prompt)]
     paths = output_paths(cfg.out, len(prompts), cfg.prompts is not None)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -137,6 +149,61 @@ def sample(cfg: DictConfig) -> list[Path]:
     if len(paths) > 1:
         print(f"sora-sample: {len(paths)} samples in {time.perf_counter() - t0:.1f} s")
     return paths
+
+
+def edit(cfg: DictConfig, kind: str) -> Path:
+    """``sora-sample video=IN.mp4`` with ``extend=`` / ``retake=`` / ``remix=``; the mp4 written."""
+    import numpy as np
+    import torch
+
+    from sora.inference import AVPipeline, PipelineError
+    from sora.inference.pipeline import run_timeline
+    from sora.media import MediaError, probe_av
+    from sora.timeline import TimelineError
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    ckpt = read_checkpoint(cfg.ckpt)
+    out = output_paths(cfg.out, 1, False)[0]
+    opts = dict(negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler,
+                shift=cfg.shift, seed=cfg.seed, audio_decoder=cfg.audio_decoder)
+    t0 = time.perf_counter()
+    try:
+        trained = run_timeline(ckpt["sora_config"])
+        have = trained.fit_seconds(probe_av(str(cfg.video)).duration, f"video={cfg.video}")
+        if kind == "extend":
+            window = float(cfg.seconds or trained.seconds)
+            context = min(window - float(cfg.extend), have)
+            if context <= 0:
+                raise PipelineError(f"extend={cfg.extend}: longer than the window seconds={window:g}; give a "
+                                    "larger seconds= (context + extension)")
+            pipe = AVPipeline.from_checkpoint(ckpt, context + float(cfg.extend), cfg.use_ema, device, size=cfg.size)
+            start = have - context  # the context is the end of the input
+            clip = pipe.extend(cfg.prompt, pipe.load_video(cfg.video, start=start, seconds=context),
+                               pipe.load_audio(cfg.video, start=start, seconds=context), float(cfg.extend), **opts)
+            if start > 0:  # the input before the context, as read
+                before = pipe.load_video(cfg.video, start=0.0, seconds=start)[:-1]
+                clip.frames = np.concatenate([before, clip.frames])
+                clip.audio = np.concatenate([pipe.load_audio(cfg.video, seconds=start), clip.audio], axis=1)
+        else:
+            pipe = AVPipeline.from_checkpoint(ckpt, cfg.seconds or have, cfg.use_ema, device, size=cfg.size)
+            frames, sound = pipe.load_video(cfg.video), pipe.load_audio(cfg.video)
+            if kind == "retake":
+                window = list(cfg.retake)
+                streams = [m for m in ("video", "audio") if cfg[f"retake_{m}"]]
+                if len(window) != 2:
+                    raise PipelineError(f"retake={window}: give [start, end] in seconds")
+                clip = pipe.retake(cfg.prompt, frames, sound, float(window[0]), float(window[1]), streams, **opts)
+            else:
+                streams = [m for m in ("video", "audio") if cfg[f"remix_{m}"]]
+                clip = pipe.remix(str(cfg.remix), frames, sound, float(cfg.strength), streams, **opts)
+    except (PipelineError, TimelineError) as e:
+        raise SystemExit(f"sora-sample: {e}") from None
+    except MediaError as e:
+        raise SystemExit(f"sora-sample: video={e}") from None
+    clip.write(out)
+    print(f"sora-sample: wrote {out} ({kind}: {len(clip.frames)} frames, {clip.audio.shape[-1] / clip.sample_rate:.2f} s "
+          f"of sound) in {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 @hydra.main(config_path=CONFIGS, config_name="sample", version_base="1.3")

@@ -10,12 +10,20 @@ so that ``x0 = x_t - t * v`` and ``noise = x_t + (1 - t) * v``.
 Latents have their time axis at dim 2: video ``[B, C, T, h, w]``, audio ``[B, C, L]``.
 Per-token masks (clean conditions, loss weights) are ``[B, T]`` / ``[B, L]`` on that axis.
 
-One model learns four tasks from one timestep per modality (and per token for continuation):
+One model learns these tasks from one timestep per modality and a clean mask per token (a
+clean token has t = 0 and no loss; the DiT sees the per-token timesteps):
 
     t2av          text -> video + audio         both modalities noised
     v2a           video -> audio                video given clean (t_video = 0)
     a2v           audio -> video                audio given clean (t_audio = 0)
     continuation  first seconds -> the rest     the first k latent steps of both are clean
+    retake        regenerate a time window      outside [a, b) clean, in the window noised; on both
+                                                streams, or on one with the other kept whole
+    first_last    first and last frames given   the first and last latent steps clean; on both
+                                                streams, or on one with the other generated
+
+A window in seconds covers the same span of both streams: video steps ``[i, j)`` of ``V`` go with
+audio steps ``[round(i A / V), round(j A / V))`` of ``A``.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-TASKS: tuple[str, ...] = ("t2av", "v2a", "a2v", "continuation")
-DEFAULT_TASK_PROBS: dict[str, float] = {"t2av": 0.6, "v2a": 0.15, "a2v": 0.15, "continuation": 0.1}
+TASKS: tuple[str, ...] = ("t2av", "v2a", "a2v", "continuation", "retake", "first_last")
+DEFAULT_TASK_PROBS: dict[str, float] = {"t2av": 0.5, "v2a": 0.1, "a2v": 0.1, "continuation": 0.1, "retake": 0.1,
+                                        "first_last": 0.1}
+STREAMS = ("both", "video", "audio")  # which stream a retake / first_last applies to (drawn 1/2, 1/4, 1/4)
 
 
 # ----------------------------------------------------------------------------- timesteps
@@ -154,39 +164,67 @@ def timesteps_for_tasks(
     video_len: int,
     audio_len: int,
     max_prefix: float = 0.5,
+    max_window: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> TaskTimesteps:
-    """Apply the task of each sample to its timesteps.
+    """Apply the task of each sample to its timesteps (the task table in the module doc).
 
     - ``t2av``: unchanged, nothing clean.
     - ``v2a``: ``t_video = 0``, every video token clean.
     - ``a2v``: ``t_audio = 0``, every audio token clean.
     - ``continuation``: a prefix fraction ``f ~ U(0, max_prefix]`` of the clip is given clean in
       both streams: the first ``k_v = max(1, round(f * video_len))`` video latent steps and the
-      first ``k_a = round(k_v / video_len * audio_len)`` audio latent steps (the same span of
-      seconds, since both streams cover the clip). ``t_video``/``t_audio`` stay the noise level
-      of the remaining tokens.
+      first ``k_a = round(k_v / video_len * audio_len)`` audio latent steps (the same seconds).
+    - ``retake``: a window of ``max(1, round(f * video_len))`` video steps, ``f ~ U(0, max_window]``,
+      at a uniform start, is noised and the rest clean; on both streams (probability 1/2), or on
+      the video (1/4) or the audio (1/4) alone, the other stream then clean as a whole.
+    - ``first_last``: the first and the last video latent step (and the audio steps of the same
+      seconds) are clean; on both streams (1/2) or one (1/4 each), the other one generated.
 
-    ``t_video`` and ``t_audio`` are ``[B]`` (they may be the same tensor for a shared t).
+    ``t_video``/``t_audio`` ``[B]`` stay the noise level of the generated tokens (they may be the
+    same tensor for a shared t); a stream that is clean as a whole gets 0.
     """
     tasks = tasks.long()
     b = tasks.shape[0]
     device = t_video.device
-    v2a = tasks == TASKS.index("v2a")
-    a2v = tasks == TASKS.index("a2v")
-    cont = tasks == TASKS.index("continuation")
-    t_video = torch.where(v2a, torch.zeros_like(t_video), t_video)
-    t_audio = torch.where(a2v, torch.zeros_like(t_audio), t_audio)
+    is_ = {name: (tasks == TASKS.index(name)).cpu() for name in TASKS}
+    draw = torch.rand(b, 3, generator=generator)  # fraction, position, stream
+    stream = (draw[:, 2] >= 0.5).long() + (draw[:, 2] >= 0.75).long()  # 0 both, 1 video, 2 audio
+    clean_v = torch.zeros(b, video_len, dtype=torch.bool)
+    clean_a = torch.zeros(b, audio_len, dtype=torch.bool)
+    steps_v, steps_a = torch.arange(video_len)[None], torch.arange(audio_len)[None]
 
-    frac = 1 - torch.rand(b, generator=generator)  # (0, 1]
-    k_video = (frac * max_prefix * video_len).round().clamp(min=1, max=video_len).long()
-    k_audio = (k_video.double() / video_len * audio_len).round().long()
-    k_video, k_audio = k_video.to(device), k_audio.to(device)
-    steps_v = torch.arange(video_len, device=device)[None, :]
-    steps_a = torch.arange(audio_len, device=device)[None, :]
-    clean_video = v2a[:, None] | (cont[:, None] & (steps_v < k_video[:, None]))
-    clean_audio = a2v[:, None] | (cont[:, None] & (steps_a < k_audio[:, None]))
-    return TaskTimesteps(t_video, t_audio, clean_video, clean_audio)
+    def audio_of(k):  # video step count or index -> audio step, the same seconds
+        return (k.double() / video_len * audio_len).round().long()
+
+    frac = 1 - draw[:, 0]  # (0, 1]
+    k_pre = (frac * max_prefix * video_len).round().clamp(min=1, max=video_len).long()
+    cont = is_["continuation"][:, None]
+    clean_v |= cont & (steps_v < k_pre[:, None])
+    clean_a |= cont & (steps_a < audio_of(k_pre)[:, None])
+
+    width = (frac * max_window * video_len).round().clamp(min=1, max=video_len).long()
+    lo = ((video_len - width + 1) * draw[:, 1]).floor().long().clamp(max=video_len - width)
+    hi = lo + width
+    window_v = (steps_v >= lo[:, None]) & (steps_v < hi[:, None])
+    window_a = (steps_a >= audio_of(lo)[:, None]) & (steps_a < audio_of(hi)[:, None])
+    retake = is_["retake"][:, None]
+    clean_v |= retake & torch.where((stream == 2)[:, None], True, ~window_v)
+    clean_a |= retake & torch.where((stream == 1)[:, None], True, ~window_a)
+
+    ends_v = (steps_v == 0) | (steps_v == video_len - 1)
+    first_a, last_a = audio_of(torch.ones(b)), audio_of(torch.full((b,), video_len - 1))
+    ends_a = (steps_a < first_a[:, None]) | (steps_a >= last_a[:, None])
+    fl = is_["first_last"][:, None]
+    clean_v |= fl & (stream != 2)[:, None] & ends_v
+    clean_a |= fl & (stream != 1)[:, None] & ends_a
+
+    clean_v |= is_["v2a"][:, None]
+    clean_a |= is_["a2v"][:, None]
+    clean_v, clean_a = clean_v.to(device), clean_a.to(device)
+    t_video = torch.where(clean_v.all(1), torch.zeros_like(t_video), t_video)
+    t_audio = torch.where(clean_a.all(1), torch.zeros_like(t_audio), t_audio)
+    return TaskTimesteps(t_video, t_audio, clean_v, clean_a)
 
 
 def drop_text(

@@ -9,6 +9,11 @@ Hydra ``_target_`` maps one-to-one; ``initialize_weights`` is the one place weig
   + pooled_text`` (sinusoidal timestep features of ``1000 t`` -> MLP, one MLP per modality;
   pooled text = masked mean of the text tokens -> MLP). The text stream is modulated by
   ``(c_video + c_audio) / 2``: it serves both modalities and has no timestep of its own.
+  Timesteps are per sample ``[B]`` or per token ``[B, T']`` / ``[B, L]`` (one per latent time
+  step; 0 marks a clean condition token: a continued prefix, the kept part of a retake, first and
+  last frames): then the AdaLN modulation is computed once per latent step and repeated over the
+  step's tokens, and the text stream takes the mean over steps. Packed sequences take timesteps
+  per sample.
 * Positions. Rotary, from the timing contract: video tokens ``(time s, row, col)``, audio tokens
   ``(time s, 0, 0)``, text tokens get no rotation (Flux-style zero positions). See
   :mod:`sora.models.attention` for the frequencies.
@@ -46,13 +51,17 @@ from sora.models.dtypes import as_weights
 MODALITIES = ("video", "audio", "text")
 
 
-def per_token(v):
-    """A modulation tensor per sample ``[B, D]`` -> ``[B, 1, D]``; per token ``[B, L, D]`` (packed) as is."""
-    return v[:, None] if v.dim() == 2 else v
+def per_token(v, length: int):
+    """A modulation for a stream of ``length`` tokens: per sample ``[B, D]`` -> ``[B, 1, D]``; per token
+    ``[B, length, D]`` (packed) as is; per latent step ``[B, T', D]`` (per-token timesteps) -> each step's
+    row repeated over its ``length / T'`` tokens (tokens are in (time, row, col) order)."""
+    if v.dim() == 2:
+        return v[:, None]
+    return v if v.shape[1] == length else v.repeat_interleave(length // v.shape[1], dim=1)
 
 
 def modulate(x, shift, scale):
-    return x * (1 + per_token(scale)) + per_token(shift)
+    return x * (1 + per_token(scale, x.shape[1])) + per_token(shift, x.shape[1])
 
 
 def gather_segments(per_sample: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
@@ -198,16 +207,16 @@ class MMDiTBlock(nn.Module):
                 o["text"] = 0.5 * (ov["text"] + oa["text"])
         x = dict(x)
         for m in out_names:
-            x[m] = x[m] + per_token(mods[m][2]) * self.streams[m].proj(o[m])
+            x[m] = x[m] + per_token(mods[m][2], x[m].shape[1]) * self.streams[m].proj(o[m])
         if self.fusion == "dual_stream":
             qv, qa = (masks["video"], masks["audio"]) if packed else (None, None)
             dv = self._cross("video", "audio", x, mods, rope_time, masks["audio"], qv)
             da = self._cross("audio", "video", x, mods, rope_time, masks["video"], qa)
-            x["video"] = x["video"] + per_token(mods["video"][8]) * dv
-            x["audio"] = x["audio"] + per_token(mods["audio"][8]) * da
+            x["video"] = x["video"] + per_token(mods["video"][8], dv.shape[1]) * dv
+            x["audio"] = x["audio"] + per_token(mods["audio"][8], da.shape[1]) * da
         for m in out_names:
             s, (sh, sc, g) = self.streams[m], mods[m][3:6]
-            x[m] = x[m] + per_token(g) * s.mlp(modulate(s.norm2(x[m]), sh, sc))
+            x[m] = x[m] + per_token(g, x[m].shape[1]) * s.mlp(modulate(s.norm2(x[m]), sh, sc))
         return x
 
 
@@ -219,7 +228,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
 
     def forward(self, x, c, segments=None):
-        """``c`` per sample [B, D]; packed: ``x`` [1, L, D] and ``segments`` [1, L] (each token's sample)."""
+        """``c`` per sample [B, D] or per latent step [B, T', D]; packed: ``x`` [1, L, D] and ``segments``
+        [1, L] (each token's sample)."""
         mod = self.adaLN_modulation(c)
         shift, scale = (mod if segments is None else gather_segments(mod, segments)).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
@@ -299,15 +309,23 @@ class AVDiT(nn.Module):
         return height // p, width // p
 
     def _conditioning(self, text, text_mask, t_video, t_audio) -> dict:
-        """Per sample [B, D]: timestep embedding per modality + pooled real text tokens."""
+        """Timestep embedding per modality + pooled real text tokens: per sample [B, D] for a timestep
+        per sample [B], per latent step [B, T', D] for per-token timesteps [B, T'] (a clean condition
+        token has t = 0). The text stream takes the mean over the steps of both."""
         if text_mask is None:  # nothing padded
             pooled = self.text_pool(text.mean(1))
         else:
             weights = text_mask.to(text.dtype)[..., None]
             pooled = self.text_pool((text * weights).sum(1) / weights.sum(1).clamp(min=1.0))
-        c_video = self.t_embed_video(t_video) + pooled
-        c_audio = self.t_embed_audio(t_audio) + pooled
-        return {"video": c_video, "audio": c_audio, "text": 0.5 * (c_video + c_audio)}
+
+        def embed(emb, t):
+            if t.dim() == 1:
+                return emb(t) + pooled
+            return emb(t.reshape(-1)).reshape(*t.shape, -1) + pooled[:, None]
+
+        c_video, c_audio = embed(self.t_embed_video, t_video), embed(self.t_embed_audio, t_audio)
+        mean = {m: c if c.dim() == 2 else c.mean(1) for m, c in (("video", c_video), ("audio", c_audio))}
+        return {"video": c_video, "audio": c_audio, "text": 0.5 * (mean["video"] + mean["audio"])}
 
     def _rotary(self, pos_v, pos_a):
         rope = {"video": self._rope(pos_v), "audio": self._rope(pos_a)}
@@ -326,14 +344,18 @@ class AVDiT(nn.Module):
 
     def forward(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
         """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt]
-        (None: nothing padded), t_video/t_audio [B] in [0, 1], video_times [T'] / audio_times [L] seconds (float64 keeps phase
-        precision on long clips) -> (v_video, v_audio). Lists of per-sample video / audio / times: the
+        (None: nothing padded), t_video/t_audio [B] in [0, 1] or per token [B, T'] / [B, L] (0 at a clean condition
+        token: continuation, retake, first/last frames), video_times [T'] / audio_times [L] seconds (float64 keeps
+        phase precision on long clips) -> (v_video, v_audio). Lists of per-sample video / audio / times: the
         packed mode, :meth:`forward_packed` (through ``forward`` so that wrappers' hooks run)."""
         if isinstance(video, (list, tuple)):
             return self.forward_packed(video, audio, text, text_mask, t_video, t_audio, video_times, audio_times)
         b, _, frames, height, width = video.shape
         p = self.patch_size
         h, w = self._check_latents(frames, height, width, audio.shape[-1], video_times, audio_times)
+        for name, t, n in (("t_video", t_video, frames), ("t_audio", t_audio, audio.shape[-1])):
+            if tuple(t.shape) not in ((b,), (b, n)):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}: need [{b}] or per token [{b}, {n}]")
         if text_mask is not None:
             text_mask = text_mask.to(torch.bool)
             if self.drop_full_text_mask and not text_mask.is_cuda and bool(text_mask.all()):  # a free check on the host; CUDA: varlen kernels
@@ -369,6 +391,8 @@ class AVDiT(nn.Module):
         if not n or not len(audio) == len(video_times) == len(audio_times) == text.shape[0] == n:
             raise ValueError(f"forward_packed: {n} video, {len(audio)} audio, {len(video_times)}/"
                              f"{len(audio_times)} times and {text.shape[0]} texts: need one of each per sample")
+        if t_video.dim() != 1 or t_audio.dim() != 1:
+            raise ValueError("forward_packed takes one timestep per sample ([S] t_video / t_audio), not per token")
         p, dev = self.patch_size, text.device
         video, audio, text = [as_weights(self, v) for v in video], [as_weights(self, a) for a in audio], \
             as_weights(self, text)

@@ -5,7 +5,8 @@ log-mel -> ``AudioVAE`` posterior mode (or the batch brings those latents, and f
 embeddings, from a cache: ``data=latents``, :mod:`sora.data.latents`). Latents are standardised
 per modality with a shift and scale (fixed in the config, or measured on the first batch and kept
 in the checkpoint). Then rectified flow (:mod:`sora.diffusion.flow`): a task per sample (t2av,
-v2a, a2v, continuation), a logit-normal timestep per modality, caption dropout for
+v2a, a2v, continuation, retake, first_last; clean condition tokens get t = 0 per token and no
+loss), a logit-normal timestep per modality, caption dropout for
 classifier-free guidance, and the velocity loss per modality over the generated tokens
 (``train/loss_video``, ``train/loss_audio``). Validation: text-to-AV loss at fixed timesteps with
 fixed noise.
@@ -13,7 +14,8 @@ Rotary positions come from the timing contract (token times in seconds).
 
 A packed batch (``data.train.pack``, :class:`sora.data.packing.PackedBatch`: clips of several
 buckets) is encoded part by part, each bucket at its own shape, then runs through ONE packed DiT
-forward (block-diagonal attention, conditioning per sample: ``AVDiT.forward_packed``); each
+forward (block-diagonal attention, conditioning per sample: ``AVDiT.forward_packed``, so a clean
+condition token there has its sample's timestep, not 0; its loss is still excluded); each
 modality's loss is the mean over all the pack's generated latent elements, as in a dense batch.
 
 The frozen autoencoders (and the vocoder) are part of this module's state, so a DiT checkpoint
@@ -185,7 +187,8 @@ class DiTModule(L.LightningModule):
 
     # -- the model function -------------------------------------------------------------------
     def velocity(self, x: dict, t: dict, text: torch.Tensor, text_mask: torch.Tensor) -> dict:
-        """``x`` {video, audio} latents, ``t`` {video, audio} [B] -> velocities, same structure."""
+        """``x`` {video, audio} latents, ``t`` {video, audio} [B] or per token [B, T'] / [B, L] -> velocities,
+        same structure."""
         vv, va = self.dit(x["video"], x["audio"], text, text_mask, t["video"], t["audio"], self.video_times,
                           self.audio_times)
         return {"video": vv, "audio": va}
@@ -194,10 +197,20 @@ class DiTModule(L.LightningModule):
         """The loss to minimise: ``loss_weights``-weighted sum of the per-modality ``loss_<m>`` (the only one)."""
         return sum(self.loss_weights[m] * losses[f"loss_{m}"] for m in MODALITIES)
 
+    @staticmethod
+    def model_timesteps(tt: TaskTimesteps) -> dict[str, torch.Tensor]:
+        """The DiT's timesteps: per token (0 at clean tokens) for a stream that some sample has partly clean
+        (continuation, retake, first/last frames), else one per sample (the cheaper modulation)."""
+        out = {}
+        for m, t, clean, token_t in (("video", tt.t_video, tt.clean_video, tt.video_token_t),
+                                     ("audio", tt.t_audio, tt.clean_audio, tt.audio_token_t)):
+            out[m] = token_t if bool((clean.any(1) & ~clean.all(1)).any()) else t
+        return out
+
     def losses(self, z, noise, tt, text, text_mask) -> dict[str, torch.Tensor]:
         x = {"video": interpolate(z["video"], noise["video"], tt.video_token_t, tt.clean_video),
              "audio": interpolate(z["audio"], noise["audio"], tt.audio_token_t, tt.clean_audio)}
-        v = self.velocity(x, {"video": tt.t_video, "audio": tt.t_audio}, text, text_mask)
+        v = self.velocity(x, self.model_timesteps(tt), text, text_mask)
         out = {"loss_video": flow_loss(v["video"], z["video"], noise["video"], clean_mask=tt.clean_video),
                "loss_audio": flow_loss(v["audio"], z["audio"], noise["audio"], clean_mask=tt.clean_audio)}
         out["loss"] = self.weighted(out)

@@ -12,7 +12,8 @@ How it attaches to :class:`sora.models.dit.AVDiT` (which stays parallelism-agnos
 * Input. ``AVDiT.forward`` embeds the full sequence on every rank (cheap, per token) and
   computes the rotary angles and masks of the full sequence. A forward pre-hook on every block
   pads each modality to a multiple of N (pad tokens: zeros, mask False, angle 0) and keeps this
-  rank's contiguous chunk of tokens, angles and mask, so every shard carries its global rotary
+  rank's contiguous chunk of tokens, angles and mask (and of the conditioning, when timesteps
+  are per token), so every shard carries its global rotary
   positions (time in seconds, row, col). Only the first block receives full tokens.
 * Attention. Each block's ``attention_fn`` hook becomes :class:`UlyssesAttention`. After the
   exchange the full sequence is in rank-major order (rank 0's ``[video, audio, text]`` chunks,
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sora.models.attention import attention
+from sora.models.dit import per_token
 
 CONFIG_KEY = "model.sequence_parallel"
 
@@ -203,6 +205,8 @@ def _shard_block_inputs(block, args, state: _State, shard_tokens: bool):
     full = lambda m: torch.ones(x[m].shape[0], state.lengths[m], dtype=torch.bool, device=x[m].device)  # noqa: E731
     masks = {m: shard(full(m) if mk is None else mk, 1, r, n, value=False) for m, mk in masks.items()}
     angles = lambda d: None if d is None else {m: shard(f, -2, r, n) for m, f in d.items()}  # noqa: E731
+    # per-token timesteps: conditioning per latent step [B, T', D] -> per token, this rank's shard of it
+    c = {m: shard(per_token(v, state.lengths[m]), 1, r, n) if v.dim() == 3 else v for m, v in c.items()}
     return (x, c, angles(rope), masks, *(angles(a) for a in rest))
 
 

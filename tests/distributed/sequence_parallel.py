@@ -29,8 +29,9 @@ from sora.models.dit import AVDiT
 from sora.training.sequence_parallel import apply_sequence_parallel, remove_sequence_parallel
 
 HEADS = 4
-CASES = {  # name: (fusion, video latent [C, T', H, W], audio steps, text tokens, checkpointing, inner)
+CASES = {  # name: (fusion, video latent [C, T', H, W], audio steps, text tokens, checkpointing, inner[, per-token t])
     "joint_padded": ("joint", (4, 3, 2, 6), 7, 5, False, "sdpa"),
+    "dual_stream_per_token_t": ("dual_stream", (4, 3, 2, 6), 7, 5, False, "sdpa", True),
     "joint_even_checkpointed": ("joint", (4, 2, 4, 4), 6, 4, True, "sdpa"),
     "dual_stream_padded": ("dual_stream", (4, 3, 2, 6), 7, 5, False, "sdpa"),
     "joint_padded_flash_twin": ("joint", (4, 3, 2, 6), 7, 5, False, "flash_twin"),
@@ -52,7 +53,7 @@ def build(fusion: str, checkpointing: bool) -> AVDiT:
     return dit
 
 
-def inputs(video_shape, audio_len, text_len):
+def inputs(video_shape, audio_len, text_len, per_token=False):
     g = torch.Generator().manual_seed(1)
     c, t, h, w = video_shape
     text_mask = torch.ones(2, text_len, dtype=torch.bool)
@@ -61,7 +62,9 @@ def inputs(video_shape, audio_len, text_len):
                 text=torch.randn(2, text_len, 8, generator=g), text_mask=text_mask,
                 t_video=torch.rand(2, generator=g), t_audio=torch.rand(2, generator=g),
                 video_times=torch.arange(t, dtype=torch.float64) * 0.16,
-                audio_times=torch.arange(audio_len, dtype=torch.float64) * 0.04)
+                audio_times=torch.arange(audio_len, dtype=torch.float64) * 0.04) | (dict(  # a clean first step
+                    t_video=torch.rand(2, t, generator=g) * (torch.arange(t) > 0),
+                    t_audio=torch.rand(2, audio_len, generator=g) * (torch.arange(audio_len) > 1)) if per_token else {})
 
 
 GRAD_INPUTS = ("video", "audio", "text", "t_video", "t_audio")
@@ -88,11 +91,11 @@ def max_err(a: dict, b: dict) -> dict:
             "scaled": max(diff[k] / max(1.0, scale[k]) for k in b)}
 
 
-def case(name, fusion, video_shape, audio_len, text_len, checkpointing, inner_name):
+def case(name, fusion, video_shape, audio_len, text_len, checkpointing, inner_name, per_token=False):
     world = dist.get_world_size()
     ref_model = build(fusion, checkpointing)
     sp_model = copy.deepcopy(ref_model)
-    x = inputs(video_shape, audio_len, text_len)
+    x = inputs(video_shape, audio_len, text_len, per_token)
     g = torch.Generator().manual_seed(2)
     ref_out = ref_model(**x)
     weights = [torch.randn(o.shape, generator=g) for o in ref_out]
