@@ -83,7 +83,7 @@ def parse_script(text: str, timeline: Timeline, source: str = "<script>") -> Scr
     """Parse a script (plain text, YAML or JSON; see the module doc) against ``timeline`` (its fps and VAE
     stride decide where cuts may fall); ScriptError naming ``source`` and the line otherwise."""
     stripped = text.lstrip()
-    if stripped.startswith(("{", "[")) or re.match(r"^(shots|global)\s*:", stripped) or stripped.startswith("- "):
+    if stripped.startswith(("{", "[", "- ")) or re.search(r"^shots\s*:", text, re.MULTILINE):  # YAML / JSON
         return _from_data(text, timeline, source)
     shots, global_caption = [], ""
     for number, raw in enumerate(text.splitlines(), 1):

@@ -10,15 +10,18 @@ SORA = Path(__file__).resolve().parents[1] / "sora"
 # what each folder may import (besides itself); ARCHITECTURE.md, "Arrows"
 ALLOWED = {
     "timeline": set(),
+    "script": {"timeline"},
     "checkpoints": set(),
     "media": {"timeline"},
-    "data": {"timeline", "media"},
+    "data": {"timeline", "script", "media"},
     "models": {"timeline"},
     "diffusion": {"timeline", "models"},
-    "evaluation": {"timeline", "media", "data", "models", "diffusion"},
-    "inference": {"timeline", "media", "data", "models", "diffusion", "checkpoints"},
-    "training": {"timeline", "media", "data", "models", "diffusion", "evaluation", "checkpoints", "inference"},
-    "cli": {"timeline", "media", "data", "models", "diffusion", "evaluation", "checkpoints", "inference", "training"},
+    "evaluation": {"timeline", "script", "media", "data", "models", "diffusion"},
+    "inference": {"timeline", "script", "media", "data", "models", "diffusion", "checkpoints"},
+    "training": {"timeline", "script", "media", "data", "models", "diffusion", "evaluation", "checkpoints",
+                 "inference"},
+    "cli": {"timeline", "script", "media", "data", "models", "diffusion", "evaluation", "checkpoints", "inference",
+            "training"},
 }
 
 

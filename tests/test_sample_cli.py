@@ -257,3 +257,25 @@ def test_edits_from_the_command_line(dit_ckpt, av_input, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"extend=0.5: the context \(seconds - extend = 0.5 s\) must be a positive "
                                          r"multiple of 1 s"):
         run_sample(dit_ckpt, f"video={av_input}", "extend=0.5", "seconds=1")
+
+
+def test_script_from_the_command_line(dit_ckpt, tmp_path, capsys):
+    """script= writes a clip as long as the script; its shots reach the DiT as shot ids; a bad line is named."""
+    script = tmp_path / "shots.txt"
+    script.write_text("global: balls\n0-1s: a red ball bounces | sound: clicks\n1-2s: a blue ball rolls\n")
+    out = tmp_path / "script.mp4"
+    assert run_sample(dit_ckpt, f"script={script}", f"out={out}") == [out]
+    assert "(script: 2 shots, cuts at 1 s; 17 frames)" in capsys.readouterr().out
+    assert probe_av(str(out)).num_frames == 17
+    pipe = AVPipeline.from_checkpoint(str(dit_ckpt), seconds=2.0)
+    from sora.script import read_script
+
+    cond = pipe.script_cond(read_script(script, pipe.timeline))
+    tid = cond["shots"]["text"][0]
+    assert tid[0] == -1 and set(tid.tolist()) == {-1, 0, 1} and cond["text"].shape[1] == len(tid)
+    assert cond["shots"]["video"][0].tolist() == [0, 0, 0, 1, 1]  # steps (0], (0,.5], (.5,1] | (1,1.5], (1.5,2]
+    script.write_text("0-1s: a red ball\n1-1.3s: a cut off the latent grid\n")
+    with pytest.raises(SystemExit, match=r"shots.txt:2: a cut at 1.3 s is not on a video latent step"):
+        run_sample(dit_ckpt, f"script={script}")
+    with pytest.raises(SystemExit, match="script= holds the captions"):
+        run_sample(dit_ckpt, f"script={script}", "prompt=a ball")

@@ -25,6 +25,9 @@ Besides ``prompt=``:
   ``retake=[t0,t1]`` regenerates that window (``retake_video`` / ``retake_audio`` false: that stream
   kept), ``remix="new prompt" strength=0.6`` re-noises the clip to that level and samples it back
   (``remix_video`` / ``remix_audio``). Kept latent tokens are bit-equal to the input's encoding.
+- ``script=FILE``: a timed multi-shot script (:mod:`sora.script`; ``0-2s: a red ball bounces`` a line, or
+  YAML/JSON, an optional ``global:`` caption and ``| sound: ...`` per shot): the clip lasts the script,
+  each shot's caption conditions the picture and sound of its seconds only.
 - ``prompts=FILE``: one prompt per (non-blank) line, seed ``seed + i`` for line ``i``; ``out``
   is then a folder (``out=DIR`` -> DIR/000.mp4, DIR/001.mp4, ...) or a pattern with a
   printf field (``out=clips/ball-%03d.mp4``); default ``outputs/samples/``.
@@ -107,6 +110,10 @@ def sample(cfg: DictConfig) -> list[Path]:
             raise SystemExit(f"sora-sample: {key}={cfg[key]}: no such file")
     if cfg.prompts is not None and cfg.prompt:
         raise SystemExit("sora-sample: give prompt= or prompts= (a file, one prompt per line), not both")
+    if cfg.script is not None:
+        if cfg.prompt or cfg.prompts is not None or cfg.video is not None or cfg.audio is not None:
+            raise SystemExit("sora-sample: script= holds the captions: give it without prompt=, prompts=, video=, audio=")
+        return [scripted(cfg)]
     edits = [k for k in ("extend", "retake", "remix") if cfg[k] is not None]
     if edits and (cfg.video is None or len(edits) > 1 or cfg.prompts is not None):
         raise SystemExit(f"sora-sample: {'/'.join(edits)}= edits a clip: give video=IN.mp4, one edit at a time, "
@@ -149,6 +156,32 @@ def sample(cfg: DictConfig) -> list[Path]:
     if len(paths) > 1:
         print(f"sora-sample: {len(paths)} samples in {time.perf_counter() - t0:.1f} s")
     return paths
+
+
+def scripted(cfg: DictConfig) -> Path:
+    """``sora-sample script=FILE``: one clip as long as the script, each shot's caption on its seconds."""
+    import torch
+
+    from sora.inference import AVPipeline, PipelineError
+    from sora.inference.pipeline import run_timeline
+    from sora.script import ScriptError, read_script
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    ckpt = read_checkpoint(cfg.ckpt)
+    out = output_paths(cfg.out, 1, False)[0]
+    t0 = time.perf_counter()
+    try:
+        script = read_script(cfg.script, run_timeline(ckpt["sora_config"]))
+        pipe = AVPipeline.from_checkpoint(ckpt, script.seconds, cfg.use_ema, device, size=cfg.size)
+        clip = pipe.generate(script, cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler,
+                             shift=cfg.shift, seed=cfg.seed, audio_decoder=cfg.audio_decoder)
+    except (PipelineError, ScriptError) as e:
+        raise SystemExit(f"sora-sample: {e}") from None
+    clip.write(out)
+    cuts = ", ".join(f"{c:g}" for c in script.cuts) or "none"
+    print(f"sora-sample: wrote {out} (script: {len(script.shots)} shots, cuts at {cuts} s; {len(clip.frames)} frames) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 def edit(cfg: DictConfig, kind: str) -> Path:

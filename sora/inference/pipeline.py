@@ -34,6 +34,7 @@ from sora.diffusion.guidance import cfg as text_cfg
 from sora.diffusion.guidance import replace_cond
 from sora.diffusion.samplers import SAMPLERS, make_schedule
 from sora.models.audio_vae import griffin_lim
+from sora.script import Script
 from sora.timeline import Timeline, TimelineError
 
 log = logging.getLogger(__name__)
@@ -230,9 +231,13 @@ class AVPipeline:
         latents} with ``strength`` < 1: start from them noised to that level (SDEdit) instead of pure noise."""
         module, tl, vae = self.module, self.timeline, self.module.video_vae
         h, w = self.frame_size(size)
-        tokens, mask = module.text_encoder([prompt, negative_prompt])
-        cond = {"text": tokens[:1], "text_mask": mask[:1]}
-        uncond = replace_cond(text=tokens[1:], text_mask=mask[1:])
+        if isinstance(prompt, Script):
+            cond, (tokens, mask) = self.script_cond(prompt), module.text_encoder([negative_prompt])
+            uncond = replace_cond(text=tokens, text_mask=mask, shots=None)
+        else:
+            tokens, mask = module.text_encoder([prompt, negative_prompt])
+            cond = {"text": tokens[:1], "text_mask": mask[:1]}
+            uncond = replace_cond(text=tokens[1:], text_mask=mask[1:])
         gen = torch.Generator().manual_seed(int(seed))
         shapes = {"video": (1, vae.latent_channels, tl.video_latent_steps, h // vae.spatial_stride,
                             w // vae.spatial_stride),
@@ -248,9 +253,26 @@ class AVPipeline:
             cond["clean_mask"] = masks
 
         def model_fn(xt, t, c):
-            return module.velocity(xt, t, c["text"], c["text_mask"])
+            return module.velocity(xt, t, c["text"], c["text_mask"], c.get("shots"))
 
         return module.denormalize(SAMPLERS[sampler](text_cfg(model_fn, guidance, uncond), x, schedule, cond))
+
+    def script_cond(self, script: Script) -> dict:
+        """The DiT's text condition for a timed script: the global caption's and each shot's real tokens in one
+        sequence, with their shot ids (-1: global) and each video/audio latent step's shot."""
+        tl = self.timeline
+        if abs(script.seconds - tl.seconds) > 1e-6:
+            raise PipelineError(f"the script lasts {script.seconds:g} s, the pipeline generates {tl.seconds:g} s")
+        texts = ([script.global_caption] if script.global_caption else []) + script.captions()
+        ids = ([-1] if script.global_caption else []) + list(range(len(script.shots)))
+        tokens, mask = self.module.text_encoder(texts)
+        seq = torch.cat([tok[m] for tok, m in zip(tokens, mask.bool())])[None]
+        tid = torch.cat([torch.full((int(m.sum()),), i, dtype=torch.long) for i, m in zip(ids, mask)])[None]
+        shots = {"text": tid.to(self.device),
+                 "video": torch.from_numpy(script.video_shots(tl))[None].to(self.device),
+                 "audio": torch.from_numpy(script.audio_shots(tl))[None].to(self.device)}
+        return {"text": seq, "text_mask": torch.ones(seq.shape[:2], dtype=torch.bool, device=self.device),
+                "shots": shots}
 
     def _decode(self, z: dict, audio_decoder: str) -> tuple[np.ndarray, np.ndarray]:
         module = self.module
@@ -264,10 +286,12 @@ class AVPipeline:
         return frames, wave[0].float().clamp(-1, 1).cpu().numpy()
 
     @torch.no_grad()
-    def generate(self, prompt: str = "", negative_prompt: str = "", *, steps: int = 30, guidance: float = 4.0,
+    def generate(self, prompt: str | Script = "", negative_prompt: str = "", *, steps: int = 30, guidance: float = 4.0,
                  sampler: str = "euler", shift: float = 1.0, seed: int = 0, audio_decoder: str = "vocoder",
                  size=None, video: np.ndarray | None = None, audio: np.ndarray | None = None) -> Generated:
-        """One clip. ``video`` (uint8 [num_frames, H, W, 3], e.g. :meth:`load_video`) or ``audio`` (float
+        """One clip. ``prompt``: a caption, or a timed :class:`sora.script.Script` (each shot's caption conditions
+        the picture and sound inside its interval; the script lasts the pipeline's seconds). ``video`` (uint8
+        [num_frames, H, W, 3], e.g. :meth:`load_video`) or ``audio`` (float
         [1, num_samples], e.g. :meth:`load_audio`): that modality is the condition, returned as given (not
         re-decoded), and only the other one is generated. ``guidance``: text CFG scale (1: none); ``shift``:
         timestep shift of the schedule (> 1: more steps near noise)."""
@@ -279,6 +303,7 @@ class AVPipeline:
                          size if video is None else video.shape[1:3], clean)
         frames, sound = self._decode(z, audio_decoder)
         task = "v2a" if video is not None else "a2v" if audio is not None else "t2av"
+        task = f"{task}, script" if isinstance(prompt, Script) else task
         frames = np.ascontiguousarray(video) if video is not None else frames
         sound = np.atleast_2d(np.asarray(audio, np.float32)) if audio is not None else sound
         return Generated(frames, sound, z, float(self.timeline.fps_q), self.timeline.sample_rate, task)

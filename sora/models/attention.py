@@ -93,7 +93,10 @@ def attention(q, k, v, mask=None, backend="auto", q_mask=None):
     ``q_mask`` (bool [B, Lq]) only lets the flash path skip padded queries (their rows come
     back as zeros); sdpa computes every row. Compare the two on unmasked rows only.
     Integer ``mask`` and ``q_mask``: segment ids of keys and queries (block-diagonal, see above).
+    A full bool ``mask`` [B, 1, Lq, Lk] (e.g. a script's shot mask) runs SDPA whatever ``backend``.
     """
+    if mask is not None and mask.dim() == 4:
+        return sdpa_attention(q, k, v, mask)
     backend = select_backend(q, backend, masked=mask is not None)
     segments = mask is not None and mask.dtype != torch.bool
     if segments and (q_mask is None or q_mask.dtype == torch.bool):
@@ -123,6 +126,22 @@ def sdpa_attention(q, k, v, mask=None):
 def segment_mask(q_seg: torch.Tensor, k_seg: torch.Tensor) -> torch.Tensor:
     """Block-diagonal bool mask [B, 1, Lq, Lk]: query i sees key j iff they share a segment (>= 0)."""
     return ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] >= 0))[:, None]
+
+
+def shot_attention_mask(shots: dict, queries, keys, key_padding=None) -> torch.Tensor:
+    """bool [B, 1, Lq, Lk] for a timed script: a video or audio query token sees a text key only when the key
+    belongs to its shot or to the global caption (shot id -1); every other pair is open (text queries see
+    everything, video and audio see each other across shots). ``shots``: per-token shot ids, int [B, L] for
+    ``video``, ``audio`` and ``text``."""
+    def ids(m, restricted):  # -1: unrestricted on this side
+        return shots[m] if m in restricted else torch.full_like(shots[m], -1)
+
+    q = torch.cat([ids(m, ("video", "audio")) for m in queries], dim=1)
+    k = torch.cat([ids(m, ("text",)) for m in keys], dim=1)
+    allowed = (q[:, :, None] == -1) | (k[:, None, :] == -1) | (q[:, :, None] == k[:, None, :])
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, :]
+    return allowed[:, None]
 
 
 def segment_order(seg: torch.Tensor, segments: int):

@@ -45,7 +45,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sora.models.attention import ROPE_SCALE, ROPE_THETA, RMSNorm, apply_rope, attention, rope_frequencies
+from sora.models.attention import (ROPE_SCALE, ROPE_THETA, RMSNorm, apply_rope, attention, rope_frequencies,
+                                   shot_attention_mask)
 from sora.models.dtypes import as_weights
 
 MODALITIES = ("video", "audio", "text")
@@ -164,6 +165,8 @@ class MMDiTBlock(nn.Module):
         k = torch.cat([qkv[m][1] for m in keys], dim=2)
         v = torch.cat([qkv[m][2] for m in keys], dim=2)
         mask = key_mask(masks, keys, {m: qkv[m][1].shape[2] for m in keys})
+        if masks.get("shots") is not None:  # a script: video/audio queries see the text of their own shot
+            mask = shot_attention_mask(masks["shots"], queries, keys, mask)
         if is_packed(masks):  # block-diagonal: the queries' segments too
             q_seg = torch.cat([masks[m] for m in queries], dim=1)
             o = self.attention_fn(q, k, v, mask, backend=self.attn_backend, q_mask=q_seg)
@@ -308,10 +311,13 @@ class AVDiT(nn.Module):
                              f"do not match {frames} video and {audio_steps} audio latent steps")
         return height // p, width // p
 
-    def _conditioning(self, text, text_mask, t_video, t_audio) -> dict:
+    def _conditioning(self, text, text_mask, t_video, t_audio, shots=None) -> dict:
         """Timestep embedding per modality + pooled real text tokens: per sample [B, D] for a timestep
         per sample [B], per latent step [B, T', D] for per-token timesteps [B, T'] (a clean condition
-        token has t = 0). The text stream takes the mean over the steps of both."""
+        token has t = 0). The text stream takes the mean over the steps of both. A script: see
+        :meth:`_script_conditioning`."""
+        if shots is not None:
+            return self._script_conditioning(text, text_mask, t_video, t_audio, shots)
         if text_mask is None:  # nothing padded
             pooled = self.text_pool(text.mean(1))
         else:
@@ -326,6 +332,37 @@ class AVDiT(nn.Module):
         c_video, c_audio = embed(self.t_embed_video, t_video), embed(self.t_embed_audio, t_audio)
         mean = {m: c if c.dim() == 2 else c.mean(1) for m, c in (("video", c_video), ("audio", c_audio))}
         return {"video": c_video, "audio": c_audio, "text": 0.5 * (mean["video"] + mean["audio"])}
+
+    def _script_conditioning(self, text, text_mask, t_video, t_audio, shots) -> dict:
+        """A timed script's conditioning, so that a shot's caption reaches only its own steps: a video/audio latent
+        step gets its timestep embedding + the pooled tokens of its shot and of the global caption; a text token of
+        shot s the mean embedding of s's steps + that pooling; a global text token the mean over all steps + the
+        pooled global caption. -> video [B, T', D], audio [B, L, D], text [B, Lt, D]."""
+        tid = shots["text"]  # [B, Lt], -1: the global caption
+        keep = torch.ones_like(tid, dtype=torch.bool) if text_mask is None else text_mask
+        n = int(max(int(shots["video_steps"].max()), int(shots["audio_steps"].max()), int(tid.max()))) + 1
+        ids = torch.arange(n, device=tid.device)
+
+        def pool(member):  # [B, S, Lt] bool -> [B, S, D]
+            w = (member & keep[:, None, :]).to(text.dtype)
+            return self.text_pool(torch.einsum("bsl,bld->bsd", w, text) / w.sum(-1, keepdim=True).clamp(min=1.0))
+
+        pooled = pool((tid[:, None, :] == ids[None, :, None]) | (tid[:, None, :] == -1))  # [B, S, D]
+        pooled_global = pool((tid == -1)[:, None, :])[:, 0]  # [B, D]
+        e, c = {}, {}
+        for m, emb, t in (("video", self.t_embed_video, t_video), ("audio", self.t_embed_audio, t_audio)):
+            steps = shots[f"{m}_steps"]  # [B, T]
+            t = t[:, None].expand_as(steps) if t.dim() == 1 else t
+            e[m] = emb(t.reshape(-1)).reshape(*t.shape, -1)
+            c[m] = e[m] + torch.gather(pooled, 1, steps[..., None].expand(-1, -1, pooled.shape[-1]))
+        by_shot = 0
+        for m in ("video", "audio"):
+            w = (shots[f"{m}_steps"][:, None, :] == ids[None, :, None]).to(e[m].dtype)  # [B, S, T]
+            by_shot = by_shot + 0.5 * torch.einsum("bst,btd->bsd", w, e[m]) / w.sum(-1, keepdim=True).clamp(min=1.0)
+        text_c = torch.gather(by_shot + pooled, 1, tid.clamp(min=0)[..., None].expand(-1, -1, pooled.shape[-1]))
+        glob = 0.5 * (e["video"].mean(1) + e["audio"].mean(1)) + pooled_global
+        c["text"] = torch.where((tid == -1)[..., None], glob[:, None], text_c)
+        return c
 
     def _rotary(self, pos_v, pos_a):
         rope = {"video": self._rope(pos_v), "audio": self._rope(pos_a)}
@@ -342,13 +379,18 @@ class AVDiT(nn.Module):
                 x = block(x, c, rope, masks, rope_time)
         return x
 
-    def forward(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times):
+    def forward(self, video, audio, text, text_mask, t_video, t_audio, video_times, audio_times, shots=None):
         """video [B, Cv, T', H, W], audio [B, Ca, L], text [B, Lt, text_dim], text_mask bool [B, Lt]
         (None: nothing padded), t_video/t_audio [B] in [0, 1] or per token [B, T'] / [B, L] (0 at a clean condition
         token: continuation, retake, first/last frames), video_times [T'] / audio_times [L] seconds (float64 keeps
-        phase precision on long clips) -> (v_video, v_audio). Lists of per-sample video / audio / times: the
+        phase precision on long clips) -> (v_video, v_audio). ``shots`` (a timed script, :mod:`sora.script`): int
+        shot ids, ``text`` [B, Lt] per text token (-1: the global caption), ``video`` [B, T'] / ``audio`` [B, L]
+        per latent step; video and audio tokens then attend to the text of their own shot (and the global one)
+        and pool it into their conditioning. Lists of per-sample video / audio / times: the
         packed mode, :meth:`forward_packed` (through ``forward`` so that wrappers' hooks run)."""
         if isinstance(video, (list, tuple)):
+            if shots is not None:
+                raise ValueError("timed scripts (shots) are not supported in packed sequences yet")
             return self.forward_packed(video, audio, text, text_mask, t_video, t_audio, video_times, audio_times)
         b, _, frames, height, width = video.shape
         p = self.patch_size
@@ -366,9 +408,14 @@ class AVDiT(nn.Module):
             "audio": self.audio_embed(rearrange(audio, "b c l -> b l c")),
             "text": self.text_embed(text),
         }
-        c = self._conditioning(text, text_mask, t_video, t_audio)
+        if shots is not None:
+            shots = {"text": shots["text"], "video_steps": shots["video"], "audio_steps": shots["audio"],
+                     "video": shots["video"].repeat_interleave(h * w, dim=1), "audio": shots["audio"]}
+        c = self._conditioning(text, text_mask, t_video, t_audio, shots)
         rope, rope_time = self._rotary(*self.rope_positions(video_times, audio_times, h, w))
         masks = {"video": None, "audio": None, "text": text_mask}  # None: nothing padded
+        if shots is not None:
+            masks["shots"] = {m: shots[m] for m in MODALITIES}
         x = self._run_blocks(x, c, rope, masks, rope_time)
         v_video = self.final_video(x["video"], c["video"])
         v_video = rearrange(v_video, "b (t h w) (c p q) -> b c t (h p) (w q)", t=frames, h=h, w=w, p=p, q=p)

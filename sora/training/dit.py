@@ -186,11 +186,13 @@ class DiTModule(L.LightningModule):
                 .to(x.dtype) for m, x in z.items()}
 
     # -- the model function -------------------------------------------------------------------
-    def velocity(self, x: dict, t: dict, text: torch.Tensor, text_mask: torch.Tensor) -> dict:
+    def velocity(self, x: dict, t: dict, text: torch.Tensor, text_mask: torch.Tensor,
+                 shots: dict | None = None) -> dict:
         """``x`` {video, audio} latents, ``t`` {video, audio} [B] or per token [B, T'] / [B, L] -> velocities,
-        same structure."""
+        same structure. ``shots``: a timed script's shot ids (``AVDiT.forward``)."""
+        extra = {} if shots is None else {"shots": shots}
         vv, va = self.dit(x["video"], x["audio"], text, text_mask, t["video"], t["audio"], self.video_times,
-                          self.audio_times)
+                          self.audio_times, **extra)
         return {"video": vv, "audio": va}
 
     def weighted(self, losses: dict) -> torch.Tensor:
