@@ -22,7 +22,6 @@ text tokens each video/audio token may attend to: its own shot's caption and the
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
