@@ -266,3 +266,46 @@ def test_dit_step_gives_the_dit_per_token_timesteps(task):
         assert clean.any() and (tv[~clean] > 0).all()
         kept = clean[:, None, :, None, None].expand_as(z["video"])
         assert torch.equal(seen["video"][kept], z["video"][kept])  # clean tokens enter as their latents
+
+
+def test_dit_step_on_multishot_clips_gives_the_dit_its_shots():
+    """A sample with shots in its meta: every shot's caption is encoded, its tokens carry the shot id, and the video /
+    audio latent steps the shot holding them; a plain sample's caption is global (-1) and its steps shot 0."""
+    module = _dit_module(task_probs={"t2av": 1.0}, text_drop_prob=0.0)
+    batch = _batch()
+    batch.meta = [{"shots": [{"start": 0.0, "end": 0.5, "caption": "a red ball"},
+                             {"start": 0.5, "end": 1.0, "caption": "two blue balls roll"}]}, {}]
+    seen = {}
+    forward = module.dit.forward
+
+    def spy(*args, shots=None):
+        seen["shots"], seen["text_mask"] = shots, args[3]
+        return forward(*args, shots=shots)
+
+    module.dit.forward = spy
+    module.log_dict = module.log = lambda *a, **kw: None
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    shots, mask = seen["shots"], seen["text_mask"]
+    real = shots["text"][0][mask[0]]
+    lengths = [int(m.sum()) for m in module.text_encoder(["a red ball", "two blue balls roll"])[1]]
+    assert real.tolist() == [0] * lengths[0] + [1] * lengths[1]
+    assert (shots["text"][1][mask[1]] == -1).all()
+    assert shots["video"][0].tolist() == [0, 0, 1]  # steps (0], (0, .5] | (.5, 1] at 8 fps, stride 4
+    assert shots["audio"][0].tolist() == [0] * 12 + [1] * 13 and (shots["video"][1] == 0).all()
+
+
+def test_world_stream_makes_multishot_clips_with_cuts_on_latent_steps():
+    from sora.data.pipeline import WorldClipStream
+
+    tl = Timeline(seconds=2.0, fps=8, sample_rate=16000)
+    stream = WorldClipStream({"width": 32, "height": 32, "fps": 8, "seconds": 2.0}, tl, batch_size=2, clips=12,
+                             shots={"prob": 1.0, "max": 3}, shuffle=False, infinite=False)
+    stream.rank, stream.world_size = 0, 1
+    metas = [m for batch in stream for m in batch.meta]
+    assert len(metas) == 12 and all("shots" in m for m in metas)
+    assert any(len(m["shots"]) > 1 for m in metas)
+    for m in metas:
+        bounds = [s["start"] for s in m["shots"]] + [m["shots"][-1]["end"]]
+        assert bounds[0] == 0.0 and bounds[-1] == 2.0 and bounds == sorted(bounds)
+        assert all(abs(b / 0.5 - round(b / 0.5)) < 1e-9 for b in bounds)  # on video latent steps

@@ -368,9 +368,12 @@ class WorldClipStream(ClipStream):
 
     With ``buckets`` (the world has no aspect ratio of its own) clip ``i`` gets a bucket drawn from
     (seed, i) and is rendered at that bucket's size: mixed aspect ratios for bucketing and packing.
+    ``shots`` ({prob, max, continue_prob}): that fraction of the clips are multi-shot (cuts on video latent
+    steps, :func:`sora.data.world.make_multishot`), their shots in ``meta["shots"]`` for timed-script training.
     """
 
-    def __init__(self, world, timeline: Timeline, batch_size: int, clips: int = 1024, **kw):
+    def __init__(self, world, timeline: Timeline, batch_size: int, clips: int = 1024, shots: dict | None = None,
+                 **kw):
         from sora.data.world import WorldConfig
 
         world = world if isinstance(world, WorldConfig) else WorldConfig(**world)
@@ -382,6 +385,7 @@ class WorldClipStream(ClipStream):
             raise ValueError(f"data.world: seconds/fps/sample_rate {world.seconds}/{world.fps}/{world.sample_rate} "
                              f"differ from the timeline's {timeline.seconds}/{timeline.fps}/{timeline.sample_rate}")
         self.world, self.clips = world, int(clips)
+        self.shots = dict(shots) if shots else None
 
     def items(self, epoch, worker, num_workers):
         order = list(range(self.clips))
@@ -394,12 +398,18 @@ class WorldClipStream(ClipStream):
     def decode(self, item, bucket, rng):
         from dataclasses import replace
 
-        from sora.data.world import make_clip
+        from sora.data.world import make_clip, make_multishot
 
         world = replace(self.world, height=bucket.height, width=bucket.width) if self.render_at_bucket else self.world
-        clip = make_clip(_seed(self.seed, item["index"]), world)
+        seed = _seed(self.seed, item["index"])
+        if self.shots and _seed(self.seed, "shots", item["index"]) % 1000 < 1000 * float(self.shots.get("prob", 0.5)):
+            clip = make_multishot(seed, world, self.timeline.vae_time_stride / float(self.timeline.fps_q),
+                                  int(self.shots.get("max", 3)), float(self.shots.get("continue_prob", 0.3)))
+        else:
+            clip = make_clip(seed, world)
         frames = clip.frames
         if frames.shape[1:3] != (bucket.height, bucket.width):
             frames = crop(frames, bucket, rng if self.random_crop else None)
         audio, mask = self._fit_audio(clip.audio, np.ones(clip.audio.shape[1], dtype=bool))
-        return Sample(item["__key__"], frames, audio, mask, True, clip.caption, 0.0, {"world": clip.meta})
+        meta = {"world": clip.meta, **({"shots": clip.meta["shots"]} if "shots" in clip.meta else {})}
+        return Sample(item["__key__"], frames, audio, mask, True, clip.caption, 0.0, meta)

@@ -281,6 +281,37 @@ def make_clip(seed: int, config: WorldConfig = WorldConfig()) -> WorldClip:
                      int(config.sample_rate))
 
 
+def make_multishot(seed: int, config: WorldConfig, cut_every: float, max_shots: int = 3,
+                   continue_prob: float = 0.3) -> WorldClip:
+    """A clip of 1..``max_shots`` shots with cuts on multiples of ``cut_every`` seconds (the video latent step): each
+    shot shows a new scene, or (``continue_prob``) the previous shot's scene going on, its balls where they were.
+    Each shot's frames and sound come from its scene's clip over the shot's seconds (a frame or sample at a cut
+    belongs to the shot that starts there). ``caption`` is the first shot's; ``meta["shots"]`` lists every shot
+    ``{start, end, caption, scene}`` (scene: the clip seed it shows) and ``meta["scenes"]`` their ground truth."""
+    rng = np.random.Generator(np.random.PCG64([seed, 7]))
+    steps = int(round(config.seconds / cut_every))
+    n = int(rng.integers(1, min(max_shots, steps) + 1))
+    cuts = sorted(rng.choice(np.arange(1, steps), n - 1, replace=False).tolist()) if n > 1 else []
+    bounds = [0.0, *(c * cut_every for c in cuts), float(config.seconds)]
+    scenes, shots, frames, audio = {}, [], None, None
+    scene = seed
+    for i, (t0, t1) in enumerate(zip(bounds, bounds[1:])):
+        if i and rng.random() >= continue_prob:
+            scene = int(rng.integers(2**62))
+        if scene not in scenes:
+            scenes[scene] = make_clip(scene, config)
+        clip = scenes[scene]
+        if frames is None:
+            frames, audio = clip.frames.copy(), clip.audio.copy()
+        f0, f1 = math.ceil(t0 * config.fps - 1e-9), math.ceil(t1 * config.fps - 1e-9) if i < len(bounds) - 2 else None
+        s0, s1 = round(t0 * config.sample_rate), round(t1 * config.sample_rate) if i < len(bounds) - 2 else None
+        frames[f0:f1], audio[:, s0:s1] = clip.frames[f0:f1], clip.audio[:, s0:s1]
+        shots.append({"start": t0, "end": t1, "caption": clip.caption, "scene": scene})
+    first = scenes[seed]
+    meta = {**first.meta, "shots": shots, "scenes": {str(k): v.meta for k, v in scenes.items()}}
+    return WorldClip(frames, audio, first.caption, meta, float(config.fps), int(config.sample_rate))
+
+
 def clip_seed(seed: int, index: int) -> int:
     """Seed of clip ``index`` of a world seeded ``seed`` (a 63-bit hash of the pair)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))

@@ -39,6 +39,7 @@ from sora.diffusion.flow import (TaskTimesteps, drop_captions, drop_text, flow_l
 from sora.models.audio_vae import AudioVAE, Vocoder
 from sora.models.dit import AVDiT
 from sora.models.video_vae import VideoVAE
+from sora.script import Script, Shot
 from sora.timeline import Timeline
 from sora.training.autoencoders import mono
 from sora.training.optim import adamw_with_schedule
@@ -168,6 +169,48 @@ class DiTModule(L.LightningModule):
             return batch.text_for(drop)
         return self.text_encoder(list(batch.captions) if drop is None else drop_captions(batch.captions, drop))
 
+    def encode_script_text(self, batch, drop: torch.Tensor | None = None):
+        """For a batch holding multi-shot clips (``meta["shots"]``: the world's, a timed caption sidecar's): each
+        sample's shot captions as one token sequence with the shot id of every token (a plain caption: id -1,
+        global) and each video/audio latent step's shot -> (text [B, L, D], mask [B, L], shots for the DiT), or
+        None when no sample has shots. ``drop``: samples given the empty caption (classifier-free guidance)."""
+        metas = list(batch.meta) if batch.meta else [{}] * len(batch)
+        if not any("shots" in m for m in metas):
+            return None
+        if self.cached_text(batch):
+            raise ValueError("multi-shot clips with cached text embeddings are not supported yet (data=latents)")
+        entries = []  # per sample: [(caption, shot id)]
+        for i, m in enumerate(metas):
+            if drop is not None and bool(drop[i]):
+                entries.append([("", -1)])
+            elif "shots" in m:
+                entries.append([(s["caption"], k) for k, s in enumerate(m["shots"])])
+            else:
+                entries.append([(batch.captions[i], -1)])
+        tokens, mask = self.text_encoder([c for e in entries for c, _ in e])
+        seqs, ids, j = [], [], 0
+        for e in entries:
+            parts = [(tokens[j + n][mask[j + n].bool()], k) for n, (_, k) in enumerate(e)]
+            seqs.append(torch.cat([t for t, _ in parts]))
+            ids.append(torch.cat([torch.full((len(t),), k, dtype=torch.long) for t, k in parts]))
+            j += len(e)
+        length = max(1, max(len(q) for q in seqs))
+        text = tokens.new_zeros(len(seqs), length, tokens.shape[-1])
+        text_mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=tokens.device)
+        tid = torch.full((len(seqs), length), -1, dtype=torch.long, device=tokens.device)
+        for i, (q, k) in enumerate(zip(seqs, ids)):
+            text[i, :len(q)], text_mask[i, :len(q)], tid[i, :len(q)] = q, True, k.to(tokens.device)
+        steps = {"video": [], "audio": []}
+        for m in metas:
+            script = Script(tuple(Shot(float(s["start"]), float(s["end"]), s["caption"]) for s in m["shots"])) \
+                if "shots" in m else None
+            for stream, fn in (("video", "video_shots"), ("audio", "audio_shots")):
+                n = self.timeline.video_latent_steps if stream == "video" else self.timeline.audio_latent_steps
+                steps[stream].append(torch.zeros(n, dtype=torch.long) if script is None else
+                                     torch.from_numpy(getattr(script, fn)(self.timeline)))
+        shots = {"text": tid, **{m: torch.stack(v).to(tokens.device) for m, v in steps.items()}}
+        return text, text_mask, shots
+
     def normalize(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for m, x in z.items():
@@ -209,10 +252,10 @@ class DiTModule(L.LightningModule):
             out[m] = token_t if bool((clean.any(1) & ~clean.all(1)).any()) else t
         return out
 
-    def losses(self, z, noise, tt, text, text_mask) -> dict[str, torch.Tensor]:
+    def losses(self, z, noise, tt, text, text_mask, shots=None) -> dict[str, torch.Tensor]:
         x = {"video": interpolate(z["video"], noise["video"], tt.video_token_t, tt.clean_video),
              "audio": interpolate(z["audio"], noise["audio"], tt.audio_token_t, tt.clean_audio)}
-        v = self.velocity(x, self.model_timesteps(tt), text, text_mask)
+        v = self.velocity(x, self.model_timesteps(tt), text, text_mask, shots)
         out = {"loss_video": flow_loss(v["video"], z["video"], noise["video"], clean_mask=tt.clean_video),
                "loss_audio": flow_loss(v["audio"], z["audio"], noise["audio"], clean_mask=tt.clean_audio)}
         out["loss"] = self.weighted(out)
@@ -232,13 +275,15 @@ class DiTModule(L.LightningModule):
             return self.packed_training_step(batch)
         z = self.normalize(self.encode(batch))
         b, device = len(batch), z["video"].device
-        text, text_mask = self.encode_text(batch, drop_text(b, self.text_drop_prob))
+        drop = drop_text(b, self.text_drop_prob)
+        script = self.encode_script_text(batch, drop)  # multi-shot clips: captions per shot
+        text, text_mask, shots = script if script is not None else (*self.encode_text(batch, drop), None)
         _, _, t_, h_, w_ = z["video"].shape
         p = self.dit.patch_size
         self._tokens = (t_ * (h_ // p) * (w_ // p), z["audio"].shape[2], text.shape[1])
         tt = self.sample_timesteps(b, z["video"].shape[2], z["audio"].shape[2], device)
         noise = {m: torch.randn_like(x) for m, x in z.items()}
-        out = self.losses(z, noise, tt, text, text_mask)
+        out = self.losses(z, noise, tt, text, text_mask, shots)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=b)
         self.log("train/loss", out["loss"].detach(), batch_size=b, prog_bar=True)
         return out["loss"]
@@ -278,6 +323,8 @@ class DiTModule(L.LightningModule):
 
     def packed_training_step(self, batch: PackedBatch):
         """A training step on a pack of clips of several buckets (see the module doc)."""
+        if any("shots" in m for part in batch.parts for m in (part.meta or [])):
+            raise ValueError("multi-shot clips (data.train.shots) with data.train.pack are not supported yet")
         zs = [self.normalize(self.encode(part)) for part in batch.parts]  # each bucket at its own shape
         b, device = len(batch), zs[0]["video"].device
         text, text_mask = self.encode_text(batch, drop_text(b, self.text_drop_prob))
