@@ -2,9 +2,10 @@
 
 Dynamo's ``eager`` backend builds the same graphs and guards as inductor without the C++ build,
 so the test is quick; ``tools/bench_compile.py`` measures inductor's cold start and speed-up.
-Warm-up = one training step, one validation step and one sample (the Lightning loop's three
-kinds of call); after it, more steps with other captions (other padded lengths, no padding at
-all), another validation and another sample must add no graph.
+Warm-up = a training step with one timestep per sample and one with per-token timesteps (the two
+input structures of the task mix), one validation step and one sample (the Lightning loop's three
+kinds of call); after it, more steps of the default task mix with other captions (other padded
+lengths, no padding at all), another validation and another sample must add no graph.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def test_compiled_blocks_need_one_warm_up(tmp_path):
     train = iter(dm.train_dataloader())
     val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
 
-    def step(i, captions=None):
+    def step(i, captions=None, tasks=None):
+        module.task_probs = tasks  # None: the default mix
         batch = dm.on_after_batch_transfer(next(train), 0)
         if captions is not None:
             batch.captions = captions
@@ -54,10 +56,12 @@ def test_compiled_blocks_need_one_warm_up(tmp_path):
             module.validation_step(val, 0)
         AVPipeline(module, module.timeline, (32, 32)).generate(prompt, steps=2, guidance=4.0)
 
-    step(0)
+    step(0, tasks={"t2av": 1.0})
+    step(0, tasks={"retake": 1.0})
     validate_and_sample("a red ball")
     warm = graphs()
     assert warm > 0
+    step(1)
     step(1)
     step(2, ["x" * 200] * 4)  # nothing padded: the mask is kept (not dropped) under compile
     step(3, ["a", "a much longer caption than the others", "b", "c"])

@@ -110,11 +110,11 @@ def sample(cfg: DictConfig) -> list[Path]:
             raise SystemExit(f"sora-sample: {key}={cfg[key]}: no such file")
     if cfg.prompts is not None and cfg.prompt:
         raise SystemExit("sora-sample: give prompt= or prompts= (a file, one prompt per line), not both")
-    if cfg.script is not None:
+    if cfg.get("script") is not None:
         if cfg.prompt or cfg.prompts is not None or cfg.video is not None or cfg.audio is not None:
             raise SystemExit("sora-sample: script= holds the captions: give it without prompt=, prompts=, video=, audio=")
         return [scripted(cfg)]
-    edits = [k for k in ("extend", "retake", "remix") if cfg[k] is not None]
+    edits = [k for k in ("extend", "retake", "remix") if cfg.get(k) is not None]
     if edits and (cfg.video is None or len(edits) > 1 or cfg.prompts is not None):
         raise SystemExit(f"sora-sample: {'/'.join(edits)}= edits a clip: give video=IN.mp4, one edit at a time, "
                          "and prompt= (not prompts=)")

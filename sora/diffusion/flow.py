@@ -36,7 +36,6 @@ import torch
 TASKS: tuple[str, ...] = ("t2av", "v2a", "a2v", "continuation", "retake", "first_last")
 DEFAULT_TASK_PROBS: dict[str, float] = {"t2av": 0.5, "v2a": 0.1, "a2v": 0.1, "continuation": 0.1, "retake": 0.1,
                                         "first_last": 0.1}
-STREAMS = ("both", "video", "audio")  # which stream a retake / first_last applies to (drawn 1/2, 1/4, 1/4)
 
 
 # ----------------------------------------------------------------------------- timesteps

@@ -12,8 +12,8 @@ Hydra ``_target_`` maps one-to-one; ``initialize_weights`` is the one place weig
   Timesteps are per sample ``[B]`` or per token ``[B, T']`` / ``[B, L]`` (one per latent time
   step; 0 marks a clean condition token: a continued prefix, the kept part of a retake, first and
   last frames): then the AdaLN modulation is computed once per latent step and repeated over the
-  step's tokens, and the text stream takes the mean over steps. Packed sequences take timesteps
-  per sample.
+  step's tokens (packed: gathered per token from the (sample, step) rows), and the text stream
+  takes the mean over steps.
 * Positions. Rotary, from the timing contract: video tokens ``(time s, row, col)``, audio tokens
   ``(time s, 0, 0)``, text tokens get no rotation (Flux-style zero positions). See
   :mod:`sora.models.attention` for the frequencies.
@@ -194,8 +194,8 @@ class MMDiTBlock(nn.Module):
         mods = {}
         for m in MODALITIES:
             mod = self.streams[m].adaLN_modulation(c[m])
-            if packed:  # c is per sample [S, D]: every token takes its sample's row -> [1, L, n_mod * D]
-                mod = gather_segments(mod, masks[m])
+            if packed:  # c has a row per sample [S, D] (or per (sample, latent step)): each token takes its row
+                mod = gather_segments(mod, masks.get("rows", {}).get(m, masks[m]))
             mods[m] = mod.chunk(self.streams[m].n_mod, dim=-1)
         qkv = {m: self.streams[m].qkv_heads(x[m], mods[m], rope.get(m)) for m in MODALITIES}
         out_names = [m for m in MODALITIES if not self.streams[m].pre_only]
@@ -427,7 +427,8 @@ class AVDiT(nn.Module):
 
         ``video`` / ``audio`` / ``video_times`` / ``audio_times``: lists over the S samples of
         [Cv, T'_i, H_i, W_i] / [Ca, L_i] / [T'_i] / [L_i] (seconds); ``text`` [S, Lt, text_dim] with
-        ``text_mask`` [S, Lt] (only real tokens are packed); ``t_video`` / ``t_audio`` [S].
+        ``text_mask`` [S, Lt] (only real tokens are packed); ``t_video`` / ``t_audio`` [S], or per token [S, T'] /
+        [S, L] (the samples of a pack share a duration).
         -> (list of v_video_i [Cv, T'_i, H_i, W_i], list of v_audio_i [Ca, L_i]).
 
         Equal to :meth:`forward` on each sample alone: every token keeps its sample's AdaLN
@@ -438,8 +439,6 @@ class AVDiT(nn.Module):
         if not n or not len(audio) == len(video_times) == len(audio_times) == text.shape[0] == n:
             raise ValueError(f"forward_packed: {n} video, {len(audio)} audio, {len(video_times)}/"
                              f"{len(audio_times)} times and {text.shape[0]} texts: need one of each per sample")
-        if t_video.dim() != 1 or t_audio.dim() != 1:
-            raise ValueError("forward_packed takes one timestep per sample ([S] t_video / t_audio), not per token")
         p, dev = self.patch_size, text.device
         video, audio, text = [as_weights(self, v) for v in video], [as_weights(self, a) for a in audio], \
             as_weights(self, text)
@@ -461,10 +460,20 @@ class AVDiT(nn.Module):
         ids = torch.arange(n, device=dev)
         masks = {m: torch.repeat_interleave(ids, torch.tensor(lengths[m], device=dev))[None] for m in MODALITIES}
         c = self._conditioning(text, text_mask, t_video, t_audio)
+        rows = {}  # per-token timesteps [S, T]: conditioning rows per (sample, step) -> each token's row
+        for m, t, per_step in (("video", t_video, [h * w for _, h, w in grids]), ("audio", t_audio, None)):
+            if t.dim() == 2:
+                steps = torch.arange(t.shape[1], device=dev)
+                rows[m] = torch.cat([i * t.shape[1] + (steps if k is None else steps.repeat_interleave(k))
+                                     for i, k in enumerate(per_step or [None] * n)])[None]
+                c[m] = c[m].flatten(0, 1)
+        if rows:
+            masks["rows"] = rows
         rope, rope_time = self._rotary(torch.cat(pos_v), torch.cat(pos_a))
         x = self._run_blocks(x, c, rope, masks, rope_time)
-        v_video = self.final_video(x["video"], c["video"], masks["video"])[0].split(lengths["video"])
-        v_audio = self.final_audio(x["audio"], c["audio"], masks["audio"])[0].split(lengths["audio"])
+        index = {m: rows.get(m, masks[m]) for m in ("video", "audio")}  # each token's conditioning row
+        v_video = self.final_video(x["video"], c["video"], index["video"])[0].split(lengths["video"])
+        v_audio = self.final_audio(x["audio"], c["audio"], index["audio"])[0].split(lengths["audio"])
         v_video = [rearrange(o, "(t h w) (c p q) -> c t (h p) (w q)", t=t, h=h, w=w, p=p, q=p)
                    for o, (t, h, w) in zip(v_video, grids)]
         return v_video, [o.transpose(0, 1) for o in v_audio]

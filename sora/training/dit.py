@@ -14,8 +14,8 @@ Rotary positions come from the timing contract (token times in seconds).
 
 A packed batch (``data.train.pack``, :class:`sora.data.packing.PackedBatch`: clips of several
 buckets) is encoded part by part, each bucket at its own shape, then runs through ONE packed DiT
-forward (block-diagonal attention, conditioning per sample: ``AVDiT.forward_packed``, so a clean
-condition token there has its sample's timestep, not 0; its loss is still excluded); each
+forward (block-diagonal attention, conditioning per sample, per-token timesteps as in a dense batch:
+``AVDiT.forward_packed``); each
 modality's loss is the mean over all the pack's generated latent elements, as in a dense batch.
 
 The frozen autoencoders (and the vocoder) are part of this module's state, so a DiT checkpoint
@@ -244,13 +244,13 @@ class DiTModule(L.LightningModule):
 
     @staticmethod
     def model_timesteps(tt: TaskTimesteps) -> dict[str, torch.Tensor]:
-        """The DiT's timesteps: per token (0 at clean tokens) for a stream that some sample has partly clean
-        (continuation, retake, first/last frames), else one per sample (the cheaper modulation)."""
-        out = {}
-        for m, t, clean, token_t in (("video", tt.t_video, tt.clean_video, tt.video_token_t),
-                                     ("audio", tt.t_audio, tt.clean_audio, tt.audio_token_t)):
-            out[m] = token_t if bool((clean.any(1) & ~clean.all(1)).any()) else t
-        return out
+        """The DiT's timesteps: per token (0 at clean tokens) when some sample has a stream partly clean
+        (continuation, retake, first/last frames), else one per sample (the cheaper modulation). Both streams
+        switch together, so a compiled DiT sees two input structures, not four."""
+        partly = any(bool((c.any(1) & ~c.all(1)).any()) for c in (tt.clean_video, tt.clean_audio))
+        if partly:
+            return {"video": tt.video_token_t, "audio": tt.audio_token_t}
+        return {"video": tt.t_video, "audio": tt.t_audio}
 
     def losses(self, z, noise, tt, text, text_mask, shots=None) -> dict[str, torch.Tensor]:
         x = {"video": interpolate(z["video"], noise["video"], tt.video_token_t, tt.clean_video),
@@ -307,7 +307,8 @@ class DiTModule(L.LightningModule):
             for m in MODALITIES:
                 x[m].extend(interpolate(z[m], n[m], token_t[m][p], clean[m][p]).unbind(0))
         b = len(x["video"])
-        vv, va = self.dit(x["video"], x["audio"], text, text_mask, tt.t_video, tt.t_audio, [self.video_times] * b,
+        t = self.model_timesteps(tt)
+        vv, va = self.dit(x["video"], x["audio"], text, text_mask, t["video"], t["audio"], [self.video_times] * b,
                           [self.audio_times] * b)
         v = {"video": vv, "audio": va}
         out = {}
