@@ -11,7 +11,7 @@ Hydra ``_target_`` maps one-to-one; ``initialize_weights`` is the one place weig
   ``(c_video + c_audio) / 2``: it serves both modalities and has no timestep of its own.
   Timesteps are per sample ``[B]`` or per token ``[B, T']`` / ``[B, L]`` (one per latent time
   step; 0 marks a clean condition token: a continued prefix, the kept part of a retake, first and
-  last frames): then the AdaLN modulation is computed once per latent step and repeated over the
+  last frames): then the AdaLN modulation is computed once per latent step and broadcast over the
   step's tokens (packed: gathered per token from the (sample, step) rows), and the text stream
   takes the mean over steps.
 * Positions. Rotary, from the timing contract: video tokens ``(time s, row, col)``, audio tokens
@@ -52,17 +52,32 @@ from sora.models.dtypes import as_weights
 MODALITIES = ("video", "audio", "text")
 
 
-def per_token(v, length: int):
-    """A modulation for a stream of ``length`` tokens: per sample ``[B, D]`` -> ``[B, 1, D]``; per token
-    ``[B, length, D]`` (packed) as is; per latent step ``[B, T', D]`` (per-token timesteps) -> each step's
-    row repeated over its ``length / T'`` tokens (tokens are in (time, row, col) order)."""
+def along(v, x):
+    """``(x', v')`` that broadcast, ``x'`` a view of ``x`` [B, L, D], for a modulation ``v``: per sample ``[B, D]``
+    -> ``v[:, None]``; per token ``[B, L, D]`` (packed, or sharded) as is; per latent step ``[B, T', D]``
+    (per-token timesteps) -> ``x`` seen as ``[B, T', L / T', D]`` (tokens in (time, row, col) order) and
+    ``v[:, :, None]``, so each step's row reaches its tokens without a copy."""
     if v.dim() == 2:
-        return v[:, None]
-    return v if v.shape[1] == length else v.repeat_interleave(length // v.shape[1], dim=1)
+        return x, v[:, None]
+    if v.shape[1] == x.shape[1]:
+        return x, v
+    return x.unflatten(1, (v.shape[1], -1)), v[:, :, None]
+
+
+def expand_steps(v, length: int):
+    """A per-latent-step modulation or conditioning ``[B, T', D]`` -> one row per token ``[B, length, D]``."""
+    return v if v.dim() == 2 or v.shape[1] == length else v.repeat_interleave(length // v.shape[1], dim=1)
 
 
 def modulate(x, shift, scale):
-    return x * (1 + per_token(scale, x.shape[1])) + per_token(shift, x.shape[1])
+    xs, sh = along(shift, x)
+    return (xs * (1 + along(scale, x)[1]) + sh).reshape(x.shape)
+
+
+def gate(g, y):
+    """``g * y`` for a gate per sample, token or latent step (see :func:`along`)."""
+    ys, gs = along(g, y)
+    return (ys * gs).reshape(y.shape)
 
 
 def gather_segments(per_sample: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
@@ -210,16 +225,16 @@ class MMDiTBlock(nn.Module):
                 o["text"] = 0.5 * (ov["text"] + oa["text"])
         x = dict(x)
         for m in out_names:
-            x[m] = x[m] + per_token(mods[m][2], x[m].shape[1]) * self.streams[m].proj(o[m])
+            x[m] = x[m] + gate(mods[m][2], self.streams[m].proj(o[m]))
         if self.fusion == "dual_stream":
             qv, qa = (masks["video"], masks["audio"]) if packed else (None, None)
             dv = self._cross("video", "audio", x, mods, rope_time, masks["audio"], qv)
             da = self._cross("audio", "video", x, mods, rope_time, masks["video"], qa)
-            x["video"] = x["video"] + per_token(mods["video"][8], dv.shape[1]) * dv
-            x["audio"] = x["audio"] + per_token(mods["audio"][8], da.shape[1]) * da
+            x["video"] = x["video"] + gate(mods["video"][8], dv)
+            x["audio"] = x["audio"] + gate(mods["audio"][8], da)
         for m in out_names:
             s, (sh, sc, g) = self.streams[m], mods[m][3:6]
-            x[m] = x[m] + per_token(g, x[m].shape[1]) * s.mlp(modulate(s.norm2(x[m]), sh, sc))
+            x[m] = x[m] + gate(g, s.mlp(modulate(s.norm2(x[m]), sh, sc)))
         return x
 
 

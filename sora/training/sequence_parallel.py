@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sora.models.attention import attention
-from sora.models.dit import per_token
+from sora.models.dit import expand_steps
 
 CONFIG_KEY = "model.sequence_parallel"
 
@@ -208,7 +208,7 @@ def _shard_block_inputs(block, args, state: _State, shard_tokens: bool):
     masks = {m: shard(full(m) if mk is None else mk, 1, r, n, value=False) for m, mk in masks.items()}
     angles = lambda d: None if d is None else {m: shard(f, -2, r, n) for m, f in d.items()}  # noqa: E731
     # per-token timesteps: conditioning per latent step [B, T', D] -> per token, this rank's shard of it
-    c = {m: shard(per_token(v, state.lengths[m]), 1, r, n) if v.dim() == 3 else v for m, v in c.items()}
+    c = {m: shard(expand_steps(v, state.lengths[m]), 1, r, n) if v.dim() == 3 else v for m, v in c.items()}
     return (x, c, angles(rope), masks, *(angles(a) for a in rest))
 
 
