@@ -78,6 +78,31 @@ class Script:
         return np.searchsorted(np.array([s.end for s in self.shots]), mids, side="right").clip(0, len(self.shots) - 1)
 
 
+def window_shots(shots: list[dict], start: float, seconds: float) -> list[dict]:
+    """Timed caption rows (``{"start", "end", "caption", ...}`` in a source's seconds: a shard's ``shots``) as
+    seen by a clip cut at ``[start, start + seconds]``: the rows overlapping it, in clip seconds, made to cover
+    the clip without gaps (a row runs on to the next one's start; the first starts at 0, the last ends the
+    clip), other keys kept. Cuts need not fall on latent steps here: each token takes the shot of its span
+    (:meth:`Script.video_shots`), as a real clip's cuts fall. [] when no row overlaps. A malformed row
+    raises ValueError naming it."""
+    if not isinstance(shots, list):
+        raise ValueError(f"shots is a {type(shots).__name__}, not a list of rows")
+    for i, r in enumerate(shots):
+        ok = isinstance(r, dict) and isinstance(r.get("caption"), str) and all(
+            isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in ("start", "end"))
+        if not ok or not r["start"] < r["end"]:
+            raise ValueError(f"shots row {i}: need start < end (seconds) and a caption, got {str(r)[:120]}")
+    end = start + seconds
+    rows = sorted((r for r in shots if float(r["end"]) > start and float(r["start"]) < end),
+                  key=lambda r: float(r["start"]))
+    out = [{**r, "start": max(0.0, float(r["start"]) - start)} for r in rows]
+    for i, r in enumerate(out):
+        r["end"] = out[i + 1]["start"] if i + 1 < len(out) else float(seconds)
+    if out:
+        out[0]["start"] = 0.0
+    return [r for r in out if r["end"] > r["start"]]
+
+
 def parse_script(text: str, timeline: Timeline, source: str = "<script>") -> Script:
     """Parse a script (plain text, YAML or JSON; see the module doc) against ``timeline`` (its fps and VAE
     stride decide where cuts may fall); ScriptError naming ``source`` and the line otherwise."""

@@ -243,3 +243,36 @@ def test_default_workers_auto_as_sora_train_counts_them(tmp_path):
     overrides = [o for o in TINY if not o.startswith("data.num_workers=")]
     assert cache_latents.main([str(tmp_path / "auto"), *overrides, "--max-clips", "2"]) == 0
     assert list((tmp_path / "auto").glob("latents-*.tar"))
+
+
+def test_multishot_clips_cache_their_shot_captions(tmp_path):
+    """Multi-shot world clips (timed captions) with a frozen text encoder: the cache holds each shot's caption
+    tokens one after the other, and training on it gives the raw run's text, shot ids and loss."""
+    shots = [*FROZEN_TEXT, "data.train.shots={prob: 1.0, max: 3, continue_prob: 0.3}"]
+    out = tmp_path / "shots"
+    assert cache_latents.main([str(out), *shots]) == 0
+    raw_stream, raw_module = _built(shots)
+    raw_stream.batch_size = 4
+    _, cached_module = _built(shots)
+    cached_stream = LatentClipStream(str(out / "latents-*.tar"), raw_stream.timeline, 4, shuffle=False)
+    raw, cached = next(iter(raw_stream)).normalize(), next(iter(cached_stream)).normalize()
+    assert cached.keys == raw.keys and cached_module.cached_text(cached)
+    assert any(len(m["shots"]) > 1 for m in raw.meta)  # some clip has a cut
+    for m in cached.meta:
+        assert all(r["text_tokens"] > 0 for r in m["shots"])
+    drop = torch.tensor([False, True, False, False])
+    for d in (None, drop):
+        (t_raw, m_raw, s_raw), (t_c, m_c, s_c) = (raw_module.encode_script_text(raw, d),
+                                                  cached_module.encode_script_text(cached, d))
+        assert torch.equal(m_c, m_raw) and s_c.keys() == s_raw.keys()
+        for k in s_raw:
+            assert torch.equal(s_c[k], s_raw[k]), k
+        torch.testing.assert_close(t_c, t_raw, rtol=1e-5, atol=1e-5)
+    assert set(s_raw["text"][0][m_raw[0]].tolist()) == set(range(len(raw.meta[0]["shots"])))
+    for module in (raw_module, cached_module):
+        module.text_drop_prob = 0.5
+    losses = []
+    for module, batch in ((raw_module, raw), (cached_module, cached)):
+        torch.manual_seed(7)
+        losses.append(module.training_step(batch, 0))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

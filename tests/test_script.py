@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sora.script import ScriptError, parse_script, read_script, shot_mask
+from sora.script import ScriptError, parse_script, read_script, shot_mask, window_shots
 from sora.timeline import Timeline
 
 TL = Timeline(seconds=4.0, fps=8)  # video latent steps every 0.5 s, one frame 0.125 s, quantum 1 s
@@ -95,3 +95,35 @@ def test_every_step_belongs_to_the_shot_that_holds_it(cuts, fps, stride):
     assert np.array_equal(mask[:, 3:], owners[None] == rows[:, None])  # and its own shot's caption only
     with pytest.raises(ValueError, match="caption lengths"):
         shot_mask(script, tl, lengths + [1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(0.05, 3)), min_size=1, max_size=6),
+       st.floats(0, 12), st.floats(0.25, 4))
+def test_window_shots_cover_the_clip_in_order(rows, start, seconds):
+    """Timed caption rows (gaps allowed) seen through a window: only overlapping rows, in clip seconds, in
+    order, covering [0, seconds] without gaps; every kept row's start is where it starts in the window."""
+    shots, t = [], 0.0
+    for gap, length in rows:  # sorted, non-overlapping rows with gaps
+        shots.append({"start": t + gap, "end": t + gap + length, "caption": f"shot {len(shots)}", "scene": 7})
+        t += gap + length
+    out = window_shots(shots, start, seconds)
+    overlapping = [r for r in shots if r["end"] > start and r["start"] < start + seconds]
+    if not overlapping:
+        assert out == []
+        return
+    assert [r["caption"] for r in out] == [r["caption"] for r in overlapping][-len(out):]
+    assert out[0]["start"] == 0.0 and out[-1]["end"] == seconds and all(r["scene"] == 7 for r in out)
+    assert all(a["end"] == b["start"] for a, b in zip(out, out[1:]))
+    for r in out[1:]:
+        src = next(s for s in shots if s["caption"] == r["caption"])
+        assert r["start"] == pytest.approx(src["start"] - start)
+
+
+def test_window_shots_names_a_bad_row():
+    with pytest.raises(ValueError, match=r"shots row 1: need start < end"):
+        window_shots([{"start": 0, "end": 1, "caption": "a"}, {"start": 2, "end": 1, "caption": "b"}], 0, 2)
+    with pytest.raises(ValueError, match="shots row 0"):
+        window_shots([{"start": 0, "end": 1}], 0, 2)
+    with pytest.raises(ValueError, match="not a list"):
+        window_shots({"start": 0}, 0, 2)

@@ -13,6 +13,10 @@ For each held-out clip (``make_clip(seed + i)`` at the checkpoint's timeline and
   frame difference across the seam (last context frame -> first new frame) divided by the clip's
   mean frame difference elsewhere (the target: at most 2); ``shuffled`` is the same ratio for an
   extension whose context comes from another clip, the trivial baseline of a jump.
+- ``physics``: the eval's per-clip checks (:func:`sora.evaluation.physics.probe_batch`: balls tracked,
+  impacts in sync with the sound, gravity within 20 %, named colours tracked) of the extensions beside
+  plain text-to-AV samples of the same captions and the real clips, over the whole clip (an extension's
+  first half is its real context) and over the generated second half alone.
 
 Prints one line per clip and the means as a Markdown table.
 """
@@ -66,7 +70,7 @@ def main(argv=None) -> None:
     keep = kept_frames(tl, *window)
     opts = dict(steps=args.steps, guidance=4.0, seed=0)
     n_ctx, s_ctx = round(context * float(tl.fps_q)) + 1, round(context * tl.sample_rate)
-    rows = []
+    rows, made = [], {"real": [], "extension": [], "plain": []}
     clips = [make_clip(args.seed + i, world) for i in range(args.clips)]
     for i, clip in enumerate(clips):
         frames, audio = clip.frames, clip.audio[:, :tl.num_samples]
@@ -76,6 +80,10 @@ def main(argv=None) -> None:
                      * 127.5).round().clip(0, 255).astype(np.uint8)
         retake = pipe.retake(clip.caption, frames, audio, *window, **opts)
         ext = pipe.extend(clip.caption, frames[:n_ctx], audio[:, :s_ctx], tl.seconds - context, **opts)
+        made["real"].append((frames, audio))
+        made["extension"].append((ext.frames, ext.audio))
+        plain = pipe.generate(clip.caption, **opts)
+        made["plain"].append((plain.frames, plain.audio))
         other = clips[(i + 1) % len(clips)]
         shuffled = np.concatenate([other.frames[:n_ctx], ext.frames[n_ctx:]])
 
@@ -97,6 +105,22 @@ def main(argv=None) -> None:
     print(f"| extension seam jump / mean frame change | {mean['seam']:.2f} | context from another clip "
           f"{mean['shuffled']:.2f} (target: <= 2) |")
     print(f"| VAE round trip, whole clip | {mean['recon']:.2f} dB | |")
+    physics_table(made, [c.caption for c in clips], n_ctx, s_ctx, tl, world)
+
+
+def physics_table(made: dict, captions: list, n_ctx: int, s_ctx: int, tl, world) -> None:
+    """The eval's per-clip checks of real clips, extensions and plain samples: whole clips and the second half."""
+    from sora.evaluation.physics import probe_batch
+
+    n = len(captions)
+    keys = ("clips_tracked", "clips_in_sync", "clips_gravity_ok", "clips_colour_match")
+    print("\n| clips passing | " + " | ".join(k.removeprefix("clips_") for k in keys) + " |\n|---|---|---|---|---|")
+    for part, cut in (("whole clip", lambda f, a: (f, a)), ("generated half", lambda f, a: (f[n_ctx:], a[:, s_ctx:]))):
+        for name in ("real", "extension", "plain"):
+            m = probe_batch([cut(f, a) for f, a in made[name]], float(tl.fps_q), tl.sample_rate, world,
+                            captions=captions, prefix="")
+            cells = [f"{m[k]}/{m['clips_naming_colour'] if k == 'clips_colour_match' else n}" for k in keys]
+            print(f"| {name}, {part} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ over ranks and workers) into ``OUT/latents-r<RANK>-<N>.tar``; every rank writes 
 
 Text: embeddings are cached only when the run's text encoder is frozen (``model.train_text_encoder=
 false``, or a Hugging Face encoder); with the embedding of ``""`` (``OUT/text_empty.npy``) for
-caption dropout. A text encoder that trains is run on the cached captions at training time.
+caption dropout. A text encoder that trains is run on the cached captions at training time. A
+multi-shot clip (timed captions: ``meta["shots"]``) caches its shots' caption tokens one after the other,
+each shot row noting its ``text_tokens``; the shots are the window the clip was cut at.
 
 Train from the cache with the same overrides plus ``data=latents data.train.urls='OUT/latents-*.tar'``.
 """
@@ -163,6 +165,21 @@ def clip_batches(loader):
             yield batch, loaded.skipped if i == 0 else 0
 
 
+def text_of(module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text embeddings the DiT reads for the batch: its captions, or for multi-shot clips (timed captions)
+    each shot's caption's tokens one after the other (:meth:`DiTModule.encode_script_text`); each shot row
+    of ``batch.meta`` gets its token count as ``text_tokens``, so training splits them again."""
+    script = module.encode_script_text(batch)
+    if script is None:
+        return module.text_encoder(list(batch.captions))
+    tokens, mask, shots = script
+    for i, m in enumerate(batch.meta):
+        ids = shots["text"][i][mask[i]]
+        for k, row in enumerate(m.get("shots", ())):
+            row["text_tokens"] = int((ids == k).sum())
+    return tokens, mask
+
+
 def sample_of(batch, i: int, z: dict, bucket: int, text=None) -> dict:
     """Clip ``i`` of an encoded batch as a webdataset sample: tensors as .npy bytes, no pickle."""
     from sora.data.latents import npy_bytes
@@ -243,7 +260,7 @@ def main(argv=None) -> int:
             t1 = time.perf_counter()
             with torch.no_grad(), autocast(manifest["precision"], device):
                 z = module.encode(batch)
-                tokens, mask = module.text_encoder(list(batch.captions)) if text else (None, None)
+                tokens, mask = text_of(module, batch) if text else (None, None)
             manifest["latent_dtype"] = {m: str(x.dtype).removeprefix("torch.") for m, x in z.items()}
             z = {m: x.float().cpu() for m, x in z.items()}  # one copy per batch (waits for the device)
             tokens, mask = (None, None) if tokens is None else (tokens.float().cpu(), mask.cpu())

@@ -52,6 +52,7 @@ from sora.data.buckets import Bucket, cover_size, crop, make_buckets, nearest_bu
 from sora.data.packing import PackedBatch, Packer, group_by_bucket
 from sora.data.shard_reader import caption_text, read_shards
 from sora.media import VIDEO_EXTS, probe_av, read_av
+from sora.script import window_shots
 from sora.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,12 @@ class ShardClipStream(ClipStream):
             raise ValueError(f"decoded {len(clip.frames)} frames of the {tl.num_frames} needed")
         frames = crop(clip.frames[:tl.num_frames], bucket, rng if self.random_crop else None)
         audio, mask = self._fit_audio(clip.audio, clip.audio_mask)
+        if "shots" in meta:  # timed captions (a sidecar's, a multi-shot world clip's) as this window sees them
+            meta = {**meta, "shots": window_shots(meta["shots"], start, float(tl.seconds))}
+            if not meta["shots"]:
+                del meta["shots"]
         return Sample(item["__key__"], frames, audio, mask, clip.info.has_audio, caption or "", start, meta)
+
 
 
 def _reason(e) -> str:

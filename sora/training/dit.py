@@ -173,27 +173,38 @@ class DiTModule(L.LightningModule):
         """For a batch holding multi-shot clips (``meta["shots"]``: the world's, a timed caption sidecar's): each
         sample's shot captions as one token sequence with the shot id of every token (a plain caption: id -1,
         global) and each video/audio latent step's shot -> (text [B, L, D], mask [B, L], shots for the DiT), or
-        None when no sample has shots. ``drop``: samples given the empty caption (classifier-free guidance)."""
+        None when no sample has shots. ``drop``: samples given the empty caption (classifier-free guidance).
+        Cached text (data=latents): a multi-shot clip's embedding is its shots' real tokens one after the
+        other, ``text_tokens`` of each in its shot row (sora-cache-latents writes them so)."""
         metas = list(batch.meta) if batch.meta else [{}] * len(batch)
         if not any("shots" in m for m in metas):
             return None
+        dropped = [drop is not None and bool(drop[i]) for i in range(len(metas))]
         if self.cached_text(batch):
-            raise ValueError("multi-shot clips with cached text embeddings are not supported yet (data=latents)")
-        entries = []  # per sample: [(caption, shot id)]
-        for i, m in enumerate(metas):
-            if drop is not None and bool(drop[i]):
-                entries.append([("", -1)])
-            elif "shots" in m:
-                entries.append([(s["caption"], k) for k, s in enumerate(m["shots"])])
-            else:
-                entries.append([(batch.captions[i], -1)])
-        tokens, mask = self.text_encoder([c for e in entries for c, _ in e])
-        seqs, ids, j = [], [], 0
-        for e in entries:
-            parts = [(tokens[j + n][mask[j + n].bool()], k) for n, (_, k) in enumerate(e)]
-            seqs.append(torch.cat([t for t, _ in parts]))
-            ids.append(torch.cat([torch.full((len(t),), k, dtype=torch.long) for t, k in parts]))
-            j += len(e)
+            seqs, ids = [], []
+            for i, m in enumerate(metas):
+                if dropped[i]:
+                    q, k = batch.text_empty.to(batch.text.device), torch.full((len(batch.text_empty),), -1)
+                else:
+                    q = batch.text[i, : int(batch.text_mask[i].sum())]
+                    k = torch.full((len(q),), -1) if "shots" not in m else torch.cat(
+                        [torch.full((int(s["text_tokens"]),), n) for n, s in enumerate(m["shots"])])
+                    if len(k) != len(q):
+                        raise ValueError(f"the latent cache {batch.cache}: {batch.keys[i]} has {len(q)} text "
+                                         f"tokens, its shots' text_tokens add up to {len(k)}")
+                seqs.append(q)
+                ids.append(k.long())
+            tokens = batch.text
+        else:
+            entries = [[("", -1)] if dropped[i] else [(s["caption"], k) for k, s in enumerate(m["shots"])]
+                       if "shots" in m else [(batch.captions[i], -1)] for i, m in enumerate(metas)]
+            tokens, mask = self.text_encoder([c for e in entries for c, _ in e])
+            seqs, ids, j = [], [], 0
+            for e in entries:
+                parts = [(tokens[j + n][mask[j + n].bool()], k) for n, (_, k) in enumerate(e)]
+                seqs.append(torch.cat([t for t, _ in parts]))
+                ids.append(torch.cat([torch.full((len(t),), k, dtype=torch.long) for t, k in parts]))
+                j += len(e)
         length = max(1, max(len(q) for q in seqs))
         text = tokens.new_zeros(len(seqs), length, tokens.shape[-1])
         text_mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=tokens.device)
