@@ -78,12 +78,13 @@ class Script:
         return np.searchsorted(np.array([s.end for s in self.shots]), mids, side="right").clip(0, len(self.shots) - 1)
 
 
-def window_shots(shots: list[dict], start: float, seconds: float) -> list[dict]:
+def window_shots(shots: list[dict], start: float, seconds: float, min_seconds: float = 0.0) -> list[dict]:
     """Timed caption rows (``{"start", "end", "caption", ...}`` in a source's seconds: a shard's ``shots``) as
     seen by a clip cut at ``[start, start + seconds]``: the rows overlapping it, in clip seconds, made to cover
     the clip without gaps (a row runs on to the next one's start; the first starts at 0, the last ends the
     clip), other keys kept. Cuts need not fall on latent steps here: each token takes the shot of its span
-    (:meth:`Script.video_shots`), as a real clip's cuts fall. [] when no row overlaps. A malformed row
+    (:meth:`Script.video_shots`), as a real clip's cuts fall. Rows with less than ``min_seconds`` in the window
+    (e.g. one frame) are left out, their time going to a neighbour. [] when no row overlaps. A malformed row
     raises ValueError naming it."""
     if not isinstance(shots, list):
         raise ValueError(f"shots is a {type(shots).__name__}, not a list of rows")
@@ -93,7 +94,7 @@ def window_shots(shots: list[dict], start: float, seconds: float) -> list[dict]:
         if not ok or not r["start"] < r["end"]:
             raise ValueError(f"shots row {i}: need start < end (seconds) and a caption, got {str(r)[:120]}")
     end = start + seconds
-    rows = sorted((r for r in shots if float(r["end"]) > start and float(r["start"]) < end),
+    rows = sorted((r for r in shots if min(float(r["end"]), end) - max(float(r["start"]), start) > min_seconds),
                   key=lambda r: float(r["start"]))
     out = [{**r, "start": max(0.0, float(r["start"]) - start)} for r in rows]
     for i, r in enumerate(out):

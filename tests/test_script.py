@@ -99,16 +99,16 @@ def test_every_step_belongs_to_the_shot_that_holds_it(cuts, fps, stride):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 10), st.floats(0.05, 3)), min_size=1, max_size=6),
-       st.floats(0, 12), st.floats(0.25, 4))
-def test_window_shots_cover_the_clip_in_order(rows, start, seconds):
+       st.floats(0, 12), st.floats(0.25, 4), st.sampled_from([0.0, 1 / 16]))
+def test_window_shots_cover_the_clip_in_order(rows, start, seconds, min_seconds):
     """Timed caption rows (gaps allowed) seen through a window: only overlapping rows, in clip seconds, in
     order, covering [0, seconds] without gaps; every kept row's start is where it starts in the window."""
     shots, t = [], 0.0
     for gap, length in rows:  # sorted, non-overlapping rows with gaps
         shots.append({"start": t + gap, "end": t + gap + length, "caption": f"shot {len(shots)}", "scene": 7})
         t += gap + length
-    out = window_shots(shots, start, seconds)
-    overlapping = [r for r in shots if r["end"] > start and r["start"] < start + seconds]
+    out = window_shots(shots, start, seconds, min_seconds)
+    overlapping = [r for r in shots if min(r["end"], start + seconds) - max(r["start"], start) > min_seconds]
     if not overlapping:
         assert out == []
         return

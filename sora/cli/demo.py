@@ -52,13 +52,22 @@ def frames_of(video) -> np.ndarray:
     return video.permute(1, 2, 3, 0).numpy()
 
 
+def impact_times(meta: dict, start: float) -> list[float]:
+    """A world clip's audible impacts in the window cut at ``start`` (seconds); a multi-shot clip's from the scene
+    each of its (windowed) shots shows, over that shot's seconds."""
+    world = meta.get("world", {})
+    audible = lambda scene: [i["time"] - start for i in scene.get("impacts", []) if i.get("audible", True)]  # noqa
+    if "shots" not in meta or "scenes" not in world:
+        return audible(world)
+    return [t for r in meta["shots"] for t in audible(world["scenes"][str(r["scene"])]) if r["start"] <= t < r["end"]]
+
+
 def sync_errors(batch: ClipBatch) -> np.ndarray:
     """Decoded sound onsets against the world's ground-truth impacts (seconds, signed)."""
     errors = []
     for audio, mask, start, meta in zip(batch.audio.numpy(), batch.audio_mask.numpy(), batch.start.tolist(),
                                         batch.meta):
-        world = meta.get("world", {})
-        events = np.array([i["time"] - start for i in world.get("impacts", []) if i.get("audible", True)])
+        events = np.array(impact_times(meta, start))
         onsets = onset_times(audio, batch.sample_rate, mask=mask)
         onsets = onsets[onsets > 0.02]  # an impact before the window may ring into it
         if events.size and onsets.size:
@@ -67,13 +76,18 @@ def sync_errors(batch: ClipBatch) -> np.ndarray:
 
 
 def make_world_shards(shards: Path, clips: int, size: int, seconds: float, fps: float, sample_rate: int,
-                      seed: int) -> None:
-    """World shards for the demo; reused while the settings that made them are unchanged."""
+                      seed: int, shots: dict | None = None) -> None:
+    """World shards for the demo; reused while the settings that made them are unchanged. ``shots``: that
+    fraction of the clips multi-shot ({prob, max, cut_every, continue_prob}, sora-make-shards --world-shots)."""
     from sora.data.shards import world_jobs, write_shards
     from sora.data.world import WorldConfig
 
     args = ["--world", str(clips), str(shards), "--world-size", str(size), "--world-seconds", str(seconds),
             "--world-fps", str(fps), "--world-sample-rate", str(sample_rate), "--seed", str(seed)]  # as sora-make-shards
+    if shots:
+        shots = {k: float(v) if k != "max" else int(v) for k, v in shots.items()}
+        args += ["--world-shots", str(shots["prob"]), "--world-max-shots", str(shots["max"]),
+                 "--world-cut-every", str(shots["cut_every"]), "--world-continue", str(shots["continue_prob"])]
     stamp = shards / "made_with.json"
     if stamp.exists() and json.loads(stamp.read_text()) == args and sorted(shards.glob("shard-*.tar")):
         log.info("reusing world shards in %s (made with the same settings)", shards)
@@ -82,7 +96,7 @@ def make_world_shards(shards: Path, clips: int, size: int, seconds: float, fps: 
     for old in shards.glob("shard-*.tar"):
         old.unlink()
     jobs, opts = world_jobs(clips, seed, WorldConfig(width=size, height=size, fps=fps, seconds=seconds,
-                                                     sample_rate=sample_rate))
+                                                     sample_rate=sample_rate), shots or None)
     done = write_shards(jobs, opts, shards, workers=min(4, os.cpu_count() or 1))
     if done.samples != clips:
         raise SystemExit(f"demo: making world shards in {shards}: {done.samples} of {clips} clips written "
@@ -97,7 +111,7 @@ def preview(cfg: DictConfig, out: Path) -> dict:
     """Stage 1: shards -> pipeline -> decoded batches; preview.mp4/png/json and the sync check."""
     tl = cfg.timeline
     make_world_shards(out / "shards", cfg.world.clips, cfg.world.size, cfg.world.seconds, tl.fps, tl.sample_rate,
-                      cfg.seed)
+                      cfg.seed, OmegaConf.to_container(cfg.world.shots) if cfg.world.get("shots") else None)
     datamodule = instantiate(cfg.data)
     loader = datamodule.train_dataloader()
     batches, t0 = [], time.perf_counter()

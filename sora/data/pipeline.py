@@ -320,7 +320,7 @@ class ShardClipStream(ClipStream):
         frames = crop(clip.frames[:tl.num_frames], bucket, rng if self.random_crop else None)
         audio, mask = self._fit_audio(clip.audio, clip.audio_mask)
         if "shots" in meta:  # timed captions (a sidecar's, a multi-shot world clip's) as this window sees them
-            meta = {**meta, "shots": window_shots(meta["shots"], start, float(tl.seconds))}
+            meta = {**meta, "shots": window_shots(meta["shots"], start, float(tl.seconds), 1 / float(tl.fps_q))}
             if not meta["shots"]:
                 del meta["shots"]
         return Sample(item["__key__"], frames, audio, mask, clip.info.has_audio, caption or "", start, meta)

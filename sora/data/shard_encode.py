@@ -1,5 +1,6 @@
 """Re-encoding for ``sora-make-shards`` (:mod:`sora.data.shards`): videos resized / resampled and cut
-into segments, and still images made into clips, all through :class:`sora.media.AVWriter`.
+into pieces (at scene cuts, every ``max_seconds``), and still images made into clips, all through
+:class:`sora.media.AVWriter`.
 
 A video is decoded in windows of at most WINDOW_SECONDS (fewer frames when WINDOW_BYTES of RGB
 frames at the output size would be exceeded), each read with ``read_av(start, duration)`` and
@@ -39,10 +40,12 @@ def _fit(audio: np.ndarray, n: int) -> np.ndarray:
 
 
 def reencode(src: str, info, max_side: int | None = None, fps: float | None = None,
-             max_seconds: float | None = None) -> list[tuple[float, bytes]]:
+             max_seconds: float | None = None, cuts=()) -> list[tuple[float, bytes]]:
     """Re-encode `src` to mp4 (H.264 + AAC at the native sample rate, mono or stereo): longer side
-    <= ``max_side``, ``fps`` frames per second (native when None), cut into consecutive segments of
-    at most ``max_seconds`` (one when None).  Returns [(segment start in seconds, mp4 bytes)]."""
+    <= ``max_side``, ``fps`` frames per second (native when None), cut into consecutive pieces: a new
+    one at each time of ``cuts`` (seconds: scene cuts; the piece starts with the first output frame
+    at or after it) and every ``max_seconds`` within a piece (one piece when neither).
+    Returns [(piece start in seconds, mp4 bytes)]."""
     h, w = output_size(info.height, info.width, max_side)
     rate = Fraction(fps or info.fps or 25.0).limit_denominator(1001)  # the writer's rate
     fps = float(rate)
@@ -50,16 +53,22 @@ def reencode(src: str, info, max_side: int | None = None, fps: float | None = No
     total = math.floor(info.duration * fps + 1e-6) if info.duration else math.inf  # as a whole-file read_av
     seg = max(1, math.floor(max_seconds * fps + 1e-6)) if max_seconds else sys.maxsize
     window = max(1, min(round(WINDOW_SECONDS * fps), WINDOW_BYTES // (h * w * 3)))
-    segments, writer, buf, seg_start, f = [], None, None, 0.0, 0
+    scene_starts = sorted({math.ceil(c * fps - 1e-6) for c in cuts} - {0}, reverse=True)  # output frames
+    segments, writer, buf, seg_start, f, piece_end = [], None, None, 0.0, 0, 0
     try:
         while f < total:
-            n = int(min(window, total - f, seg - f % seg))
+            starts = f == piece_end  # a piece starts here
+            if starts:
+                while scene_starts and scene_starts[-1] <= f:
+                    scene_starts.pop()
+                piece_end = min(f + seg, scene_starts[-1] if scene_starts else sys.maxsize)
+            n = int(min(window, total - f, piece_end - f))
             clip = read_av(src, start=f / fps, duration=n / fps, fps=fps, size=(h, w), sample_rate=sr,
                            channels=channels)
             got = len(clip.frames)
             if got == 0:
                 break
-            if f % seg == 0:  # a segment starts here
+            if starts:
                 if writer is not None:
                     segments.append(_finish(writer, buf, seg_start))
                 buf, seg_start = io.BytesIO(), f / fps

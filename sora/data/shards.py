@@ -2,12 +2,16 @@
 ``sora-make-shards`` (:mod:`sora.cli.make_shards`, where the options are described).
 
 Each sample holds the video under its container extension (original bytes, untouched) or under
-``mp4`` when a re-encode is asked (``max_side``/``fps``/``max_seconds``, or an image), a ``json``
-with the probe metadata of the stored video plus ``caption``/``source``/``bytes`` (and ``world``
-ground truth for world clips, ``from_image`` for images, ``segment``/``segment_start`` for the
-pieces of a long video), and the caption in ``txt``.  Every input is probed and decoded at its
-head and tail; unreadable, empty, truncated or undecodable files, audio-only files (by extension,
-or a video container without a video stream) and images (unless ``images`` seconds are given) are
+``mp4`` when a re-encode is asked (``max_side``/``fps``/``max_seconds``/``split_scenes``, or an
+image), a ``json`` with the probe metadata of the stored video plus ``caption``/``source``/``bytes``
+(and ``world`` ground truth for world clips, ``from_image`` for images, ``segment``/``segment_start``
+for the pieces of a long video, ``scene`` with ``split_scenes``, ``shots`` for timed captions), and
+the caption in ``txt``.  Timed captions (:mod:`sora.data.timed_captions`: a ``<stem>.shots.json``
+sidecar or a manifest row's ``shots``) are clipped and shifted to each piece and caption the sample
+(joined) when it has no other caption; ``split_scenes`` cuts videos at the hard cuts PySceneDetect
+finds (:mod:`sora.media.scenes`); ``world_shots`` makes a fraction of world clips multi-shot.
+Every input is probed and decoded at its head and tail; unreadable, empty, truncated or undecodable
+files, audio-only files, images (unless ``images`` seconds are given) and bad timed captions are
 skipped with a reason each.  Workers probe/encode in parallel, in order, so the output is
 deterministic; the calling process writes the shards (tar mtimes are 0, so equal inputs give
 byte-identical shards).  Re-encoding streams (:mod:`sora.data.shard_encode`): memory is bounded
@@ -26,6 +30,8 @@ import os
 import re
 import sys
 import unicodedata
+import zlib
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,14 +39,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sora.data.world import WorldConfig, clip_seed, make_clip
+from sora.data.world import WorldConfig, clip_seed, make_clip, make_multishot
 from sora.data.shard_encode import reencode, still
+from sora.data.timed_captions import TimedCaptionError, load_shots, with_shots
 from sora.media import VIDEO_EXTS, MediaError, decoded_seconds, probe_av, read_audio, read_av, write_av
+from sora.media import scenes
 
 AUDIO_EXTS = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac")  # seen, and skipped: no video
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")  # skipped, or stored as still clips (``images``)
 AUDIO_ONLY = "audio only: no video stream"
 CHECK_SECONDS = 0.1  # length of the head / tail windows decoded to validate a file
+WORLD_SHOTS = {"prob": 0.0, "max": 3, "cut_every": 0.5, "continue_prob": 0.3}  # world_jobs(shots=) defaults
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,12 @@ class Job:
     path: str | None = None  # absolute path of the video (None for world clips)
     ext: str = "mp4"
     seed: int = 0
-    caption_from: str = "generated"  # sidecar / manifest / none / generated
+    caption_from: str = "generated"  # sidecar / manifest / shots / none / generated
     kind: str = "video"  # video / audio / image (by extension) / world
+    shots_file: str | None = None  # a <stem>.shots.json sidecar, read by the worker
+    shots: list | None = None  # else a manifest row's raw shots
+    shots_from: str = ""  # how messages name where the shots are: sidecar path, or manifest:line
+    multishot: bool = False  # a world clip made with make_multishot
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,9 @@ class Options:
     images: float | None = None  # seconds an image is held; None: images are skipped
     max_seconds: float | None = None  # longer videos are cut into segments of at most this
     hdr: str = "tonemap"  # PQ/HLG video: "tonemap" (stored as is, re-encodes tone mapped to SDR) or "skip"
+    split_scenes: bool = False  # one sample per scene (cuts found by sora.media.scenes)
+    scene_threshold: float = scenes.DEFAULT_THRESHOLD
+    world_shots: dict | None = None  # make_multishot settings of world clips (WORLD_SHOTS keys)
 
     def stores_as_is(self, info) -> bool:
         """Whether a video with this probe info is stored untouched (no re-encode asked for it)."""
@@ -70,8 +86,9 @@ class Options:
             self.max_seconds is None or 0 < info.duration <= self.max_seconds)
 
     def key(self, key: str, segment: int) -> str:
-        """Sample key: with ``max_seconds`` every key gets ``-NNN`` (never colliding with a file's)."""
-        return key if self.max_seconds is None else f"{key}-{segment:03d}"
+        """Sample key: with ``max_seconds`` or ``split_scenes`` every key gets ``-NNN`` (never colliding
+        with a file's)."""
+        return key if self.max_seconds is None and not self.split_scenes else f"{key}-{segment:03d}"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -107,8 +124,9 @@ def make_key(rel: str, used: set[str]) -> str:
     return key
 
 
-def load_manifest(path: Path, root: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Read a JSONL or CSV caption manifest into (captions by real path, captions by bare name)."""
+def load_manifest(path: Path, root: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Read a JSONL or CSV caption manifest into (rows by real path, rows by bare name), each row
+    ``{"caption": str or None, "shots": raw rows or None, "where": "NAME:LINE"}``."""
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".csv" or not text.lstrip().startswith("{"):
         rows = list(csv.DictReader(io.StringIO(text)))
@@ -126,12 +144,13 @@ def load_manifest(path: Path, root: Path) -> tuple[dict[str, str], dict[str, str
     by_path, by_name = {}, {}
     for line, row in rows:
         name = row.get("path") or row.get("file") if isinstance(row, dict) else None
-        if not name or row.get("caption") is None:
-            raise ValueError(f"{path}:{line}: need 'path' (or 'file') and 'caption'")
-        caption = str(row["caption"]).strip()
-        by_path[os.path.realpath(os.path.join(root, name))] = caption  # absolute names stay
+        if not name or (row.get("caption") is None and row.get("shots") is None):
+            raise ValueError(f"{path}:{line}: need 'path' (or 'file') and 'caption' (or 'shots')")
+        entry = {"caption": None if row.get("caption") is None else str(row["caption"]).strip(),
+                 "shots": row.get("shots"), "where": f"{path.name}:{line}"}
+        by_path[os.path.realpath(os.path.join(root, name))] = entry  # absolute names stay
         if "/" not in name and os.sep not in name:
-            by_name[name] = caption
+            by_name[name] = entry
     return by_path, by_name
 
 
@@ -140,16 +159,22 @@ def video_jobs(root: Path, captions: Path | None) -> list[Job]:
     base = root.parent if root.is_file() else root
     jobs, used = [], set()
     for path in find_inputs(root):
-        rel = path.relative_to(base).as_posix()
-        sidecar = path.with_suffix(".txt")
+        rel, kind = path.relative_to(base).as_posix(), kind_of(path)
+        row = by_path.get(os.path.realpath(path), by_name.get(path.name)) or {}
+        sidecar, timed = path.with_suffix(".txt"), path.with_suffix(".shots.json")
+        shots = {}  # timed captions (of a video): the sidecar's, else the manifest row's
+        if kind == "video" and timed.is_file():
+            shots = {"shots_file": str(timed), "shots_from": Path(rel).with_suffix(".shots.json").as_posix()}
+        elif kind == "video" and row.get("shots") is not None:
+            shots = {"shots": row["shots"], "shots_from": f"{row['where']} shots"}
         if sidecar.is_file():
             caption, origin = sidecar.read_text(encoding="utf-8", errors="replace").strip(), "sidecar"
-        elif (caption := by_path.get(os.path.realpath(path), by_name.get(path.name))) is not None:
-            origin = "manifest"
+        elif row.get("caption") is not None:
+            caption, origin = row["caption"], "manifest"
         else:
-            caption, origin = "", "none"
+            caption, origin = "", "shots" if shots else "none"
         jobs.append(Job(make_key(rel, used), rel, caption, path=str(path), ext=path.suffix[1:].lower(),
-                        caption_from=origin, kind=kind_of(path)))
+                        caption_from=origin, kind=kind, **shots))
     return jobs
 
 
@@ -213,17 +238,58 @@ def holds_audio(src: str) -> bool:
         return False
 
 
+def world_sample(job: Job, opts: Options) -> tuple:
+    if job.multishot:
+        shots = opts.world_shots
+        clip = make_multishot(job.seed, opts.world, shots["cut_every"], shots["max"], shots["continue_prob"])
+    else:
+        clip = make_clip(job.seed, opts.world)
+    out = io.BytesIO()
+    write_av(out, clip.frames, clip.audio, clip.fps, clip.sample_rate)
+    data = out.getvalue()
+    meta = {**describe(probe_av(data), job, len(data), clip.caption), "world": clip.meta}
+    if "shots" in clip.meta:
+        meta["shots"] = clip.meta["shots"]
+    return job.key, "mp4", data, meta
+
+
+def video_samples(job: Job, opts: Options) -> list[tuple] | str:
+    """The samples of a video file, or a skip reason."""
+    info = probe_av(job.path)
+    if info.hdr and opts.hdr == "skip":
+        return f"HDR ({info.hdr}) video: skipped (--hdr skip)"
+    shots = load_shots(job.shots_file, job.shots, job.shots_from, info.duration, info.fps or 25.0)
+    own = job.caption_from == "shots"  # captioned by its shots
+    cuts = scenes.scene_cuts(job.path, opts.scene_threshold) if opts.split_scenes else []
+    if not cuts and opts.stores_as_is(info):
+        check_decodes(job.path, info)
+        meta = {**describe(info, job, os.path.getsize(job.path)), **piece_fields(opts, 0, 0.0, cuts)}
+        return [(opts.key(job.key, 0), job.ext, None, with_shots(meta, shots, 0.0, info.fps or 25.0, own))]
+    samples = []
+    for i, (start, data) in enumerate(reencode(job.path, info, opts.max_side, opts.fps, opts.max_seconds, cuts)):
+        meta = {**describe(probe_av(data), job, len(data)), **piece_fields(opts, i, start, cuts)}
+        if info.hdr:
+            meta["tonemapped_from"] = info.hdr  # re-encoded as SDR (sora.media.picture)
+        samples.append((opts.key(job.key, i), "mp4", data, with_shots(meta, shots, start, meta["fps"], own)))
+    return samples
+
+
+def piece_fields(opts: Options, i: int, start: float, cuts: list[float]) -> dict:
+    """json fields of piece ``i`` (from ``start`` s) of a video cut by ``max_seconds`` / ``split_scenes``."""
+    fields = {}
+    if opts.max_seconds is not None or opts.split_scenes:
+        fields.update(segment=i, segment_start=round(start, 6))
+    if opts.split_scenes:
+        fields["scene"] = bisect_right(cuts, start + 1e-6)  # the cuts at or before the piece's start
+    return fields
+
+
 def process(job: Job, opts: Options) -> tuple[Job, list[tuple], str | None]:
     """Worker: (job, its samples as (key, ext, bytes, json dict), skip reason or None).  A sample's
     bytes are None when the file is stored as is (the writer reads it: no video through the pool's pipes)."""
     try:
         if opts.world is not None:
-            clip = make_clip(job.seed, opts.world)
-            out = io.BytesIO()
-            write_av(out, clip.frames, clip.audio, clip.fps, clip.sample_rate)
-            data = out.getvalue()
-            meta = describe(probe_av(data), job, len(data), clip.caption)
-            return job, [(job.key, "mp4", data, {**meta, "world": clip.meta})], None
+            return job, [world_sample(job, opts)], None
         if job.kind == "audio":
             return job, [], AUDIO_ONLY
         if job.kind == "image":
@@ -232,23 +298,10 @@ def process(job: Job, opts: Options) -> tuple[Job, list[tuple], str | None]:
             data = still(job.path, probe_av(job.path), opts.images, opts.max_side, opts.fps)
             meta = {**describe(probe_av(data), job, len(data)), "from_image": True}
             return job, [(opts.key(job.key, 0), "mp4", data, meta)], None
-        info = probe_av(job.path)
-        if info.hdr and opts.hdr == "skip":
-            return job, [], f"HDR ({info.hdr}) video: skipped (--hdr skip)"
-        segment = {} if opts.max_seconds is None else {"segment": 0, "segment_start": 0.0}
-        if opts.stores_as_is(info):
-            check_decodes(job.path, info)
-            meta = {**describe(info, job, os.path.getsize(job.path)), **segment}
-            return job, [(opts.key(job.key, 0), job.ext, None, meta)], None
-        samples = []
-        for i, (start, data) in enumerate(reencode(job.path, info, opts.max_side, opts.fps, opts.max_seconds)):
-            meta = {**describe(probe_av(data), job, len(data)), **segment}
-            if info.hdr:
-                meta["tonemapped_from"] = info.hdr  # re-encoded as SDR (sora.media.picture)
-            if segment:
-                meta.update(segment=i, segment_start=round(start, 6))
-            samples.append((opts.key(job.key, i), "mp4", data, meta))
-        return job, samples, None
+        samples = video_samples(job, opts)
+        return (job, [], samples) if isinstance(samples, str) else (job, samples, None)
+    except TimedCaptionError as e:
+        return job, [], f"bad timed captions: {e}"
     except MediaError as e:
         reason = one_line(e, job.path)
         if reason == "no video stream" and holds_audio(job.path):
@@ -266,21 +319,37 @@ def reason_kind(reason: str) -> str:
 # ----------------------------------------------------------------------------- jobs and the writer
 
 
-def world_jobs(n: int, seed: int, config: WorldConfig) -> tuple[list[Job], Options]:
-    """N generated world clips: clip i is ``make_clip(clip_seed(seed, i), config)``."""
+def world_jobs(n: int, seed: int, config: WorldConfig, shots: dict | None = None) -> tuple[list[Job], Options]:
+    """N generated world clips: clip i is ``make_clip(clip_seed(seed, i), config)``, or with ``shots``
+    ({"prob", "max", "cut_every", "continue_prob"}, defaults WORLD_SHOTS) for a ``prob`` fraction of
+    them (a seeded draw per clip index, as the pipeline's WorldClipStream draws) ``make_multishot(
+    clip_seed(seed, i), config, cut_every, max, continue_prob)``."""
     if n < 1 or config.height % 2 or config.width % 2:
         raise ValueError(f"--world needs N >= 1 and an even --world-size (H.264), got {n}, "
                          f"{config.height}x{config.width}")
-    return [Job(f"world-{i:07d}", f"world:seed={seed}:{i}", "", seed=clip_seed(seed, i)) for i in range(n)], \
-        Options(world=config)
+    prob = 0.0
+    if shots is not None:
+        shots = {**WORLD_SHOTS, **shots}
+        ok = set(shots) == set(WORLD_SHOTS) and 0 <= shots["prob"] <= 1 and int(shots["max"]) >= 1 \
+            and 0 < shots["cut_every"] <= config.seconds and 0 <= shots["continue_prob"] <= 1
+        if not ok:
+            raise ValueError(f"world shots need keys {', '.join(WORLD_SHOTS)} with 0 <= prob <= 1, max >= 1, "
+                             f"0 < cut_every <= {config.seconds:g} s (the clip), 0 <= continue_prob <= 1; got {shots}")
+        shots["max"], prob = int(shots["max"]), shots["prob"]
+    multishot = [zlib.crc32(f"{seed}:shots:{i}".encode()) % 1000 < 1000 * prob for i in range(n)]
+    jobs = [Job(f"world-{i:07d}", f"world:seed={seed}:{i}", "", seed=clip_seed(seed, i), kind="world",
+                multishot=multishot[i]) for i in range(n)]
+    return jobs, Options(world=config, world_shots=shots if prob > 0 else None)
 
 
 def folder_jobs(root: Path, captions: Path | None, max_side: int | None = None, fps: float | None = None,
-                images: float | None = None, max_seconds: float | None = None,
-                hdr: str = "tonemap") -> tuple[list[Job], Options]:
+                images: float | None = None, max_seconds: float | None = None, hdr: str = "tonemap",
+                split_scenes: bool = False, scene_threshold: float = scenes.DEFAULT_THRESHOLD
+                ) -> tuple[list[Job], Options]:
     """Every video, audio file and image under ``root`` (a folder, searched recursively, or one file),
-    captioned from a sidecar ``<stem>.txt``, else the ``captions`` manifest (JSONL or CSV), else empty.
-    ValueError when none."""
+    captioned from a sidecar ``<stem>.txt``, else the ``captions`` manifest (JSONL or CSV), else its
+    timed captions (a sidecar ``<stem>.shots.json``, else the manifest row's ``shots``), else empty.
+    ValueError when none, or when ``split_scenes`` lacks PySceneDetect."""
     if not root.exists():
         raise ValueError(f"INPUT {root} does not exist")
     if captions is not None and not captions.is_file():
@@ -291,7 +360,15 @@ def folder_jobs(root: Path, captions: Path | None, max_side: int | None = None, 
         raise ValueError(f"no videos, audio files or images ({exts}) found in {root}")
     if hdr not in ("tonemap", "skip"):
         raise ValueError(f"--hdr must be tonemap or skip, got {hdr!r}")
-    return jobs, Options(max_side=max_side, fps=fps, images=images, max_seconds=max_seconds, hdr=hdr)
+    if split_scenes:
+        if not scene_threshold > 0:
+            raise ValueError(f"--scene-threshold must be > 0, got {scene_threshold}")
+        try:
+            scenes.require()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+    return jobs, Options(max_side=max_side, fps=fps, images=images, max_seconds=max_seconds, hdr=hdr,
+                         split_scenes=split_scenes, scene_threshold=scene_threshold)
 
 
 @dataclass
@@ -302,7 +379,8 @@ class Written:
     with_audio: int = 0
     seconds: float = 0.0
     skipped: Counter = field(default_factory=Counter)
-    captions: Counter = field(default_factory=Counter)  # by origin: sidecar / manifest / none / generated
+    captions: Counter = field(default_factory=Counter)  # by origin: sidecar / manifest / shots / none / generated
+    timed: int = 0  # inputs with timed captions (a world clip's shots too)
 
 
 def write_shards(jobs: list[Job], opts: Options, out_dir: Path, maxcount: int = 10000, maxsize_mb: float = 256,
@@ -335,6 +413,7 @@ def write_shards(jobs: list[Job], opts: Options, out_dir: Path, maxcount: int = 
                 done.samples, done.with_audio = done.samples + 1, done.with_audio + meta["has_audio"]
                 done.seconds += meta["duration"]
                 done.captions[job.caption_from] += 1
+            done.timed += any("shots" in meta for _, _, _, meta in samples)
     finally:
         if pool is not None:
             pool.terminate()

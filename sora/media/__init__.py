@@ -29,6 +29,7 @@ from sora.media.probe import AVInfo, MediaError, probe_av  # noqa: F401
 from sora.media.read import (  # noqa: F401
     AUDIO_PREROLL, VIDEO_EXTS, AudioInfo, AVClip, decoded_seconds, read_audio, read_av)
 from sora.media.write import AVWriter, write_av, write_image  # noqa: F401
+from sora.media.scenes import detect_cuts, scene_cuts  # noqa: F401  (PySceneDetect is imported when used)
 
-__all__ = ["AVClip", "AVInfo", "AVWriter", "AudioInfo", "MediaError", "VIDEO_EXTS", "decoded_seconds", "probe_av",
-           "read_audio", "read_av", "write_av", "write_image"]
+__all__ = ["AVClip", "AVInfo", "AVWriter", "AudioInfo", "MediaError", "VIDEO_EXTS", "decoded_seconds", "detect_cuts",
+           "probe_av", "read_audio", "read_av", "scene_cuts", "write_av", "write_image"]
