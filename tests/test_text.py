@@ -1,4 +1,5 @@
 import importlib.util
+import zlib
 
 import pytest
 import torch
@@ -114,3 +115,30 @@ def test_hf_encoder_clear_error_without_transformers(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     with pytest.raises(ImportError, match="pip install transformers"):
         HFTextEncoder(tmp_path)
+
+
+def test_word_encoder_hashes_words_stably_and_keeps_the_worlds_words_apart():
+    """Words and punctuation, lower-cased, one id each by CRC-32 (the same in every process, unlike hash());
+    every word the world's captions use gets its own id, so no colour or size is confused with another."""
+    from sora.data.world import PALETTE, SIZES, WorldConfig, make_clip
+    from sora.models.text import WordTextEncoder
+
+    enc = WordTextEncoder(dim=16, max_len=8, layers=1, heads=2, buckets=4096)
+    assert enc.token_ids("A Red ball, fast.") == enc.token_ids("a red ball , fast .")
+    assert len(enc.token_ids("A Red ball, fast.")) == 6
+    assert enc.token_ids("red") == [zlib.crc32(b"red") % 4096] == [3983]  # fixed: checkpoints stay valid
+    ids, mask = enc.tokenize(["a red ball", "one two three four five six seven eight"])
+    assert ids.shape == (2, 8) and mask.sum(1).tolist() == [5, 8]  # words + BOS + EOS, cut at max_len
+    assert ids[0, 0] == enc.bos and ids[0, 4] == enc.eos and ids[0, 5:].eq(enc.pad).all()
+    assert int(ids[mask].max()) < enc.embed.num_embeddings
+    world = WorldConfig(width=32, height=32, fps=8, seconds=1.0)
+    words = set(PALETTE) | set(SIZES)
+    for seed in range(50):
+        words |= set(make_clip(seed, world).caption.lower().replace(",", " ").split())
+    assert len({enc.token_ids(w)[0] for w in words}) == len(words), sorted(words)
+    tokens, mask = enc(["a red ball", "a blue ball bounces"])
+    assert tokens.shape == (2, 6, 16) and (tokens[~mask] == 0).all()
+    alone, _ = enc(["a red ball"])
+    torch.testing.assert_close(tokens[0, :5], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="buckets=0"):
+        WordTextEncoder(buckets=0)
