@@ -1,7 +1,21 @@
 """Small pieces shared by tests and the scripts they run in subprocesses."""
 
+import tarfile
+from pathlib import Path
+
 import lightning as L
 import torch
+
+
+def read_shards(out: Path) -> dict[str, dict]:
+    """key -> {ext: bytes} for every member of every ``shard-*.tar`` in ``out``, in order."""
+    samples = {}
+    for shard in sorted(Path(out).glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
 
 
 class KeyRecorder(L.LightningModule):

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tracemalloc
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from sora.data import shard_encode
 from sora.data.world import clip_seed
 from sora.media import AVWriter, probe_av, read_av, write_av, write_image
 from sora.cli.make_shards import main
+from tests.helpers import read_shards
 
 REPO = Path(__file__).resolve().parents[1]
 H, W, FPS, SR = 48, 64, 24.0, 16000
@@ -59,17 +59,6 @@ def videos(tmp_path_factory):
                         + json.dumps({"file": "odd name.v2.MOV", "caption": "bare-name manifest caption"}) + "\n"
                         + json.dumps({"path": "sub/c.mp4", "caption": "loses to the sidecar"}) + "\n")
     return root, manifest
-
-
-def read_shards(out: Path) -> dict[str, dict]:
-    """key -> {ext: bytes} for every member of every shard, in order."""
-    samples = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def run(args, capsys):

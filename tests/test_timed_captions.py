@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sora.cli.make_shards import main
+from tests.helpers import read_shards
 from sora.data.shards import world_jobs
 from sora.data.timed_captions import TimedCaptionError, check_shots, clip_shots
 from sora.data.world import WorldConfig, make_clip
@@ -49,18 +50,6 @@ def run(args, capsys):
     rc = main([str(a) for a in args] + ["--workers", "1"])
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-def read_shards(out: Path) -> dict[str, dict]:
-    import tarfile
-
-    samples = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def metas(out: Path) -> dict[str, dict]:
