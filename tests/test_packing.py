@@ -246,7 +246,8 @@ def test_packed_losses_equal_dense_losses(dit_module):
 
 PACK_OVERRIDES = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", *SMALL_DIT,
                   "data.train.buckets={area:1536,ratios:['3:2','2:3','1:1'],multiple:16}",
-                  "data.train.pack={max_tokens:320,patch:8}", "data.num_workers=0"]
+                  "data.train.pack={max_tokens:320,patch:8}", "data.num_workers=0",
+                  "data.train.shots=null"]  # packs take single-shot clips only
 
 
 def test_two_packed_training_steps_through_the_cli(tmp_path):

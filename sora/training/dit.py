@@ -336,7 +336,8 @@ class DiTModule(L.LightningModule):
     def packed_training_step(self, batch: PackedBatch):
         """A training step on a pack of clips of several buckets (see the module doc)."""
         if any("shots" in m for part in batch.parts for m in (part.meta or [])):
-            raise ValueError("multi-shot clips (data.train.shots) with data.train.pack are not supported yet")
+            raise ValueError("multi-shot clips (data.train.shots) with data.train.pack are not supported yet: set "
+                             "data.train.shots=null or turn packing off")
         zs = [self.normalize(self.encode(part)) for part in batch.parts]  # each bucket at its own shape
         b, device = len(batch), zs[0]["video"].device
         text, text_mask = self.encode_text(batch, drop_text(b, self.text_drop_prob))

@@ -194,7 +194,8 @@ def _shard_block_inputs(block, args, state: _State, shard_tokens: bool):
         raise RuntimeError("sequence parallelism expects blocks called as block(x, c, rope, masks, rope_time)")
     x, c, rope, masks, *rest = args
     if masks.get("shots") is not None:
-        raise RuntimeError("sequence parallelism does not take timed scripts (shot masks) yet")
+        raise RuntimeError("sequence parallelism does not take timed scripts (shot masks) yet: train it on "
+                           "single-shot clips (data.train.shots=null)")
     r, n = state.rank, state.size
     if shard_tokens:  # the first block: full-length tokens
         state.lengths = {m: t.shape[1] for m, t in x.items()}
