@@ -4,13 +4,14 @@ frame, no cut in a single-scene clip, and each clip's own floor colour, before t
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 
-from tests.test_strategies import REPO
 from sora.data.world import WorldConfig, make_clip
 
-spec = importlib.util.spec_from_file_location("measure_scripts", REPO / "tools" / "measure_scripts.py")
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "measure_scripts.py"
+spec = importlib.util.spec_from_file_location("measure_scripts", TOOL)
 ms = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ms)
 

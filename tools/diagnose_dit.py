@@ -42,6 +42,7 @@ def main(argv=None) -> None:
     import torch
 
     from sora.data.world import WorldConfig, make_clip
+    from sora.diffusion.flow import interpolate
     from sora.evaluation.physics import probe_batch
     from sora.inference import AVPipeline
 
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     captions, n = [c.caption for c in clips], len(clips)
     opts = dict(steps=args.steps, guidance=args.guidance, seed=0)
 
-    print(f"| strength | tracked | in sync | colour named = tracked | PSNR vs the clip |\n|---|---|---|---|---|")
+    print("| strength | tracked | in sync | colour named = tracked | PSNR vs the clip |\n|---|---|---|---|---|")
     for s in args.strengths:
         made = [pipe.remix(c.caption, c.frames, c.audio[:, :tl.num_samples], strength=s, **opts) if s < 1
                 else pipe.generate(c.caption, **opts) for c in clips]
@@ -63,17 +64,15 @@ def main(argv=None) -> None:
               f"{m['clips_colour_match']}/{m['clips_naming_colour']} | {score:.2f} dB |", flush=True)
 
     with torch.no_grad():
-        z = torch.cat([module.video_vae.encode(torch.from_numpy(c.frames).permute(3, 0, 1, 2)[None].float()
-                                               / 127.5 - 1).mode() for c in clips])
-        z = module.normalize({"video": z})["video"]
+        z = torch.cat([pipe.encode(video=c.frames)["video"] for c in clips])
         text, mask = module.text_encoder(captions)
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn(z.shape, generator=gen)
         audio = torch.randn((n, module.audio_vae.latent_channels, tl.audio_latent_steps), generator=gen)
-        print(f"\n| t | x0 MSE (video, normalised latents) | zeros | batch mean |\n|---|---|---|---|")
+        print("\n| t | x0 MSE (video, normalised latents) | zeros | batch mean |\n|---|---|---|---|")
         zeros, batch_mean = float(z.square().mean()), float((z - z.mean(0, keepdim=True)).square().mean())
         for t in args.times:
-            xt = (1 - t) * z + t * noise
+            xt = interpolate(z, noise, t)
             v = module.velocity({"video": xt, "audio": audio}, {"video": torch.full((n,), t),
                                                                 "audio": torch.ones(n)}, text, mask)["video"]
             print(f"| {t:g} | {float((xt - t * v - z).square().mean()):.3f} | {zeros:.3f} | {batch_mean:.3f} |")
