@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sora.models.audio_vae import (AudioVAE, DiagonalGaussian, MelSpectrogram,
-                                   MultiPeriodDiscriminator, Vocoder, discriminator_loss,
-                                   feature_matching_loss, generator_adversarial_loss, griffin_lim,
-                                   mel_loss, mel_to_wave, multi_resolution_stft_loss,
-                                   stft_loss_terms)
+from sora.models.audio_vae import AudioVAE, DiagonalGaussian, Vocoder
+from sora.models.gan import (MultiPeriodDiscriminator, discriminator_loss, feature_matching_loss,
+                             generator_adversarial_loss)
+from sora.models.mel import (MelSpectrogram, griffin_lim, mel_loss, mel_to_wave,
+                             multi_resolution_stft_loss, stft_loss_terms)
 from sora.timeline import Timeline
 
 SR = 16000

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sora.models.audio_vae import (AudioVAE, MultiPeriodDiscriminator, Vocoder, discriminator_loss,
-                                   feature_matching_loss, generator_adversarial_loss)
+from sora.models.audio_vae import AudioVAE, Vocoder
+from sora.models.gan import (MultiPeriodDiscriminator, PatchDiscriminator3D, discriminator_loss,
+                             feature_matching_loss, generator_adversarial_loss, hinge_d_loss, hinge_g_loss)
 from sora.models.perceptual import LPIPS
-from sora.models.video_vae import TINY_CONFIG, PatchDiscriminator3D, VideoVAE, hinge_d_loss, hinge_g_loss
+from sora.models.video_vae import TINY_CONFIG, VideoVAE
 from sora.training.autoencoders import AudioVAEModule, VideoVAEModule, frozen
 from tests.test_train_cli import _ckpt, _metrics, _ok, _train
 from tests.test_training import _batch

@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sora.data.datamodule import AVDataModule
-from sora.data.pipeline import ShardClipStream
+from sora.data.streams import ShardClipStream
 from sora.data.shard_reader import read_shards
 from sora.data.world import WorldConfig, make_clip
 from sora.media import write_av

@@ -199,7 +199,7 @@ def test_last_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
 def test_a_checkpoint_with_pickled_code_is_refused_by_every_loader(tmp_path):
     from sora.cli.eval import load_checkpoint as eval_load
     from sora.cli.sample import read_checkpoint as sample_load
-    from sora.training.dit import stage_weights
+    from sora.checkpoints.export import stage_weights
     from sora.checkpoints.export import ExportError, read_training_checkpoint
     from tools.export_checkpoint import main as export_main
 
@@ -227,7 +227,7 @@ def test_a_checkpoint_with_pickled_code_is_refused_by_every_loader(tmp_path):
         read_training_checkpoint(evil)
     with pytest.raises(SystemExit, match=refused):
         export_main([str(evil), str(tmp_path / "out.safetensors")])
-    with pytest.raises(CheckpointError, match=refused):  # the DiT stage's frozen VAE weights
+    with pytest.raises(ExportError, match=refused):  # the DiT stage's frozen VAE weights
         stage_weights(str(evil), "dit.")
 
     dcp = tmp_path / "dcp.ckpt"  # FSDP2's distributed checkpoint: torch reads .metadata with pickle.load

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sora.cli.overrides import CONFIGS
 from sora.data.datamodule import AVDataModule
-from sora.data.pipeline import ShardClipStream, WorldClipStream
+from sora.data.streams import ShardClipStream, WorldClipStream
 
 from helpers import KeyRecorder
 

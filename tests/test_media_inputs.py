@@ -258,7 +258,7 @@ def _pq_clip(t=20) -> bytes:
 
 def test_hdr_in_make_shards_and_training(tmp_path):
     from sora.data.buckets import Bucket
-    from sora.data.pipeline import ShardClipStream
+    from sora.data.streams import ShardClipStream
     from sora.data.shards import Job, Options, process
     from sora.timeline import Timeline
 

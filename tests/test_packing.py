@@ -125,7 +125,7 @@ def test_packed_forward_validates_its_inputs():
 
 # --------------------------------------------------------------------------------------------- the plan
 def world_stream(seed=0, pack=None, clips=24, **kw):
-    from sora.data.pipeline import WorldClipStream
+    from sora.data.streams import WorldClipStream
 
     tl = Timeline(seconds=1.0, fps=8)
     return WorldClipStream({"width": 32, "height": 32, "seconds": 1.0, "fps": 8}, tl, batch_size=4, clips=clips,

@@ -14,7 +14,7 @@ import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sora.data.buckets import Bucket, cover_size, make_buckets, nearest_bucket
-from sora.data.pipeline import ShardClipStream, WorldClipStream, expand_shards
+from sora.data.streams import ShardClipStream, WorldClipStream, expand_shards
 from sora.data.world import WorldConfig, make_clip
 from sora.evaluation.sync import match_errors, onset_times
 from sora.media import write_av

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sora.data.pipeline import ShardClipStream
+from sora.data.streams import ShardClipStream
 from sora.data.world import WorldConfig, make_clip
 from sora.evaluation.sync import match_errors, onset_times
 from sora.media import write_av

@@ -16,7 +16,8 @@ from sora.models.video_vae import TINY_CONFIG, VideoVAE
 from sora.timeline import Timeline
 from sora.training.autoencoders import psnr
 from sora.training.callbacks import EMA, RNGState
-from sora.training.dit import DiTModule, load_frozen, stage_weights
+from sora.checkpoints.export import load_frozen, stage_weights
+from sora.training.dit import DiTModule
 from sora.training.optim import adamw_with_schedule, lr_factor
 
 
@@ -296,7 +297,7 @@ def test_dit_step_on_multishot_clips_gives_the_dit_its_shots():
 
 
 def test_world_stream_makes_multishot_clips_with_cuts_on_latent_steps():
-    from sora.data.pipeline import WorldClipStream
+    from sora.data.streams import WorldClipStream
 
     tl = Timeline(seconds=2.0, fps=8, sample_rate=16000)
     stream = WorldClipStream({"width": 32, "height": 32, "fps": 8, "seconds": 2.0}, tl, batch_size=2, clips=12,

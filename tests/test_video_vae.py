@@ -4,14 +4,12 @@ import pytest
 import torch
 
 from sora.evaluation.recon import trivial_psnr
+from sora.models.gan import PatchDiscriminator3D, hinge_d_loss, hinge_g_loss
 from sora.models.video_vae import (
     TINY_CONFIG,
     CausalConv3d,
     DiagonalGaussian,
-    PatchDiscriminator3D,
     VideoVAE,
-    hinge_d_loss,
-    hinge_g_loss,
     pixel_weights,
     tiled,
 )

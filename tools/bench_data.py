@@ -32,7 +32,7 @@ import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sora.data.buckets import Bucket, cover_size
-from sora.data.pipeline import ShardClipStream
+from sora.data.streams import ShardClipStream
 from sora.media import probe_av
 from sora.timeline import Timeline
 

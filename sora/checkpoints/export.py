@@ -20,6 +20,7 @@ folder (weights consolidated from the shards by DeepSpeed's ``zero_to_fp32``, it
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -169,6 +170,7 @@ def _read_distributed(path: Path) -> dict:
 def read_training_checkpoint(path) -> dict:
     """Any checkpoint ``sora-train`` writes (or an export) as one full checkpoint dict on CPU."""
     from sora.checkpoints.io import CheckpointError, load_checkpoint_file
+    from sora.checkpoints.renames import upgrade_targets
 
     path = Path(path)
     kind = checkpoint_kind(path)
@@ -190,7 +192,36 @@ def read_training_checkpoint(path) -> dict:
                           f"{' '.join(str(e).split())[:300]}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ExportError(f"{path}: not a checkpoint of a sora-train run (no state_dict)")
+    if ckpt.get("sora_config") is not None:  # a run from before a class moved: today's import paths
+        ckpt["sora_config"] = upgrade_targets(ckpt["sora_config"])
     return ckpt
+
+
+
+# -- an earlier stage's weights, frozen into a later one ----------------------------------------
+def stage_weights(path, prefix: str, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Weights under ``prefix`` (e.g. ``"vae."``) from any checkpoint of an earlier stage (a file, a DeepSpeed
+    or FSDP2 folder, an export), with the prefix removed; its EMA weights when present and ``use_ema``. Never
+    unpickles code (:func:`read_training_checkpoint`): a checkpoint with pickled code is refused."""
+    sub = model_weights(read_training_checkpoint(path), use_ema, prefix)
+    if not sub:
+        raise ValueError(f"{path}: no weights under {prefix!r}; is it a checkpoint of the right stage?")
+    return sub
+
+
+def load_frozen(module: torch.nn.Module, path, prefix: str, what: str, use_ema: bool = True) -> torch.nn.Module:
+    """``module`` with the weights of ``path`` under ``prefix`` (:func:`stage_weights`), in eval mode and without
+    gradients; ``path`` None: left randomly initialised (tests only, logged). ``what`` names it in errors."""
+    if path is None:
+        logging.getLogger(__name__).warning("%s: no checkpoint given, randomly initialised (only meaningful in "
+                                            "tests)", what)
+    else:
+        try:
+            module.load_state_dict(stage_weights(path, prefix, use_ema))
+        except RuntimeError as e:
+            raise ValueError(f"{what}: the checkpoint {path} does not fit the configured architecture: "
+                             f"{' '.join(str(e).split())[:400]}") from e
+    return module.eval().requires_grad_(False)
 
 
 def export_checkpoint(src, out) -> dict:

@@ -1,5 +1,6 @@
 """`sora-make-shards` (``python -m sora.cli.make_shards``): pack videos (or generated bouncing-ball
-world clips) into webdataset tar shards (the library: :mod:`sora.data.shards`).
+world clips) into webdataset tar shards (the library: :mod:`sora.data.inputs` finds the inputs,
+:mod:`sora.data.shards` writes the shards).
 
     sora-make-shards INPUT OUTPUT [--captions FILE] [--max-side S] [--fps F] [--max-seconds S] [--images SECONDS]
                      [--hdr tonemap|skip] [--split-scenes [--scene-threshold 27]]
@@ -47,7 +48,8 @@ import os
 import sys
 from pathlib import Path
 
-from sora.data.shards import WORLD_SHOTS, folder_jobs, printable, world_jobs, write_shards
+from sora.data.inputs import folder_jobs
+from sora.data.shards import WORLD_SHOTS, printable, world_jobs, write_shards
 from sora.data.world import WorldConfig
 from sora.media.scenes import DEFAULT_THRESHOLD
 

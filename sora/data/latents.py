@@ -13,7 +13,7 @@ writes webdataset shards, one sample per clip (tensors as ``.npy``, never pickle
 and, beside the shards, ``manifest.json`` (the hashes below, the timeline, the buckets, the raw
 stream's config) and ``text_empty.npy`` (the embedding of ``""``, when text is cached).
 
-:class:`LatentClipStream` reads such shards with :class:`~sora.data.pipeline.ShardClipStream`'s
+:class:`LatentClipStream` reads such shards with :class:`~sora.data.streams.ShardClipStream`'s
 machinery (split over ranks and workers, shuffle buffer, bucketed batches, exact resume) and
 yields :class:`LatentBatch` es, which :class:`sora.training.dit.DiTModule` uses instead of
 running its VAEs. The DiT sees the same numbers either way: latents are stored before the
@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from sora.data.buckets import Bucket
-from sora.data.pipeline import ClipBatch, Sample, ShardClipStream, expand_shards
+from sora.data.pipeline import ClipBatch, Sample
 from sora.data.shard_reader import caption_text
+from sora.data.streams import ShardClipStream, expand_shards
 from sora.timeline import Timeline, as_fraction
 
 FORMAT = "sora-latents/1: float32 posterior modes (audio: channel mean), text embeddings of real tokens"
@@ -217,7 +218,7 @@ class LatentClipStream(ShardClipStream):
 
     ``urls``: the cache's shards (``CACHE/latents-*.tar``); ``timeline`` must be the cache's.
     Shuffling, splitting over ranks and workers, bucketed batching and the exact-resume state are
-    :class:`~sora.data.pipeline.ShardClipStream`'s. ``source``: the raw stream's settings an
+    :class:`~sora.data.streams.ShardClipStream`'s. ``source``: the raw stream's settings an
     experiment sets under ``data.train`` (``world``, ``clips``, ``size`` ...): the cache was made from
     one raw stream, so every such setting it recorded must be equal here, else a one-line error
     names the key; settings it did not record (another kind of raw stream) are not used. Packing

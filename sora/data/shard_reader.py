@@ -1,4 +1,4 @@
-"""Reading webdataset shards with bad data in mind (used by :class:`sora.data.pipeline.ShardClipStream`).
+"""Reading webdataset shards with bad data in mind (used by :class:`sora.data.streams.ShardClipStream`).
 
 :func:`read_shards` yields the samples of a list of shards as webdataset groups them (consecutive
 members of one key: ``{"__key__", "__url__", ext: bytes}``), and reports every fault to an

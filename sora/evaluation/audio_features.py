@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sora.evaluation.audio_nets import VGGISH_RATE, Cnn14, VGGish, vggish_examples
-from sora.models.audio_vae import MelSpectrogram
+from sora.models.mel import MelSpectrogram
 
 
 def prepare_waveform(wave, sample_rate: int, target_rate: int) -> np.ndarray:
@@ -125,7 +125,7 @@ class AudioEmbedding(ABC):
 class MelStatsEmbedding(AudioEmbedding):
     """``fd_mel``: statistics of a 64-band log-mel at 16 kHz, one 192-d vector per clip.
 
-    Log-mel: :class:`sora.models.audio_vae.MelSpectrogram` defaults (centred STFT, n_fft 1024,
+    Log-mel: :class:`sora.models.mel.MelSpectrogram` defaults (centred STFT, n_fft 1024,
     Hann, hop 160 = 100 frames/s, 64 Slaney mel bands 0-8 kHz, ``log(clamp(mel, 1e-5))`` of
     the magnitude), in float64. Vector: ``[mean_t(mel), std_t(mel), std_t(diff_t(mel))]``,
     each 64 bands ordered low to high (std with ddof=0; the last block is the spread of

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sora.models.audio_vae import mel_filterbank
+from sora.models.mel import mel_filterbank
 
 # ------------------------------------------------------------------------------------------
 # VGGish

@@ -54,7 +54,7 @@ class DataError(ValueError):
 def reference_clips(urls, timeline, size, count: int, seed: int = 0, batch_size: int = 8) -> list[Clip]:
     """The first ``count`` clips of a shard set in order (deterministic windows given ``seed``,
     centre crops of ``size``)."""
-    from sora.data.pipeline import ShardClipStream
+    from sora.data.streams import ShardClipStream
 
     stream = ShardClipStream([str(p) for p in data_files(urls)], timeline, batch_size=batch_size, size=list(size),
                              shuffle=False, infinite=False, seed=seed, random_crop=False)

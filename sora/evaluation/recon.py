@@ -134,12 +134,12 @@ def mel_distance(a: torch.Tensor, b: torch.Tensor, sample_rate: int = 16000) -> 
 
     Waveforms ``[B, N]`` or ``[B, C, N]`` at ``sample_rate`` (each channel separately, then
     averaged) are resampled to 16 kHz (``scipy.signal.resample_poly``) and turned into the
-    audio VAE's log-mel (:class:`sora.models.audio_vae.MelSpectrogram` defaults: centred STFT,
+    audio VAE's log-mel (:class:`sora.models.mel.MelSpectrogram` defaults: centred STFT,
     n_fft 1024, Hann, hop 160, 64 Slaney mel bands 0-8 kHz, ``log(clamp(mel, 1e-5))`` of the
     magnitude), computed in float64: the same quantity as the training logs' ``mel_l1``.
     Needs more than 512 samples at 16 kHz.
     """
-    from sora.models.audio_vae import MelSpectrogram
+    from sora.models.mel import MelSpectrogram
 
     a, b = _tensor(a), _tensor(b)
     _same_shape(a, b, ("a", "b"))

@@ -33,7 +33,7 @@ from sora.data.buckets import Bucket, cover_size, crop
 from sora.diffusion.guidance import cfg as text_cfg
 from sora.diffusion.guidance import replace_cond
 from sora.diffusion.samplers import SAMPLERS, make_schedule
-from sora.models.audio_vae import griffin_lim
+from sora.models.mel import griffin_lim
 from sora.script import Script
 from sora.timeline import Timeline, TimelineError
 

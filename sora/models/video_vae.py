@@ -16,8 +16,8 @@ also splits space into overlapping tiles blended linearly (approximate at tile b
 
 Losses: :meth:`VideoVAE.loss` gives L1 + ``kl_weight`` * KL, plus an optional perceptual term
 (any module mapping two [N, 3, H, W] image batches in [-1, 1] to distances, e.g.
-:class:`sora.models.perceptual.LPIPS`) and an optional hinge GAN generator term from
-:class:`PatchDiscriminator3D`, active from ``gan_start_step`` on.
+:class:`sora.models.perceptual.LPIPS`) and an optional hinge GAN generator term from a
+discriminator (:class:`sora.models.gan.PatchDiscriminator3D`), active from ``gan_start_step`` on.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch import nn
 from sora.models.attention import RMSNorm
 from sora.models.distributions import DiagonalGaussian  # re-exported
 from sora.models.dtypes import as_weights
+from sora.models.gan import adaptive_weight, hinge_g_loss
 
 TINY_CONFIG = dict(latent_channels=16, base_channels=8, channel_mult=(1, 2, 4), num_res_blocks=1)
 
@@ -331,9 +332,9 @@ class VideoVAE(nn.Module):
         the background); kl = posterior.kl().mean() (summed over latent elements, mean over the batch);
         loss = l1 + kl_weight * kl (+ perceptual_weight * perceptual on up to
         ``perceptual_frames`` evenly spaced frames) (+ gan_weight * hinge generator loss once
-        ``step >= gan_start_step``). The discriminator's own loss is :func:`hinge_d_loss`.
+        ``step >= gan_start_step``). The discriminator's own loss is :func:`sora.models.gan.hinge_d_loss`.
         ``last_layer`` (the decoder's output weight): the GAN term is scaled by
-        :func:`adaptive_weight` too (logged as ``gan_scale``), so its gradient there is
+        :func:`sora.models.gan.adaptive_weight` too (logged as ``gan_scale``), so its gradient there is
         ``gan_weight`` times the reconstruction terms' whatever the discriminator's state.
         """
         err = (x - recon).abs()
@@ -397,44 +398,4 @@ def tiled(fn, x: torch.Tensor, tile, overlap, num: int, den: int) -> torch.Tenso
     return out / weight
 
 
-# -- adversarial and perceptual add-ons ----------------------------------------------------
-class PatchDiscriminator3D(nn.Module):
-    """Small 3D-conv PatchGAN: [B, 3, T, H, W] -> patch logits [B, 1, T', H/8, W/8]."""
-
-    def __init__(self, base_channels: int = 32, num_layers: int = 3):
-        super().__init__()
-        layers, ch = [nn.Conv3d(3, base_channels, (3, 4, 4), stride=(1, 2, 2), padding=(1, 1, 1))], base_channels
-        for i in range(1, num_layers):
-            c = base_channels * 2 ** min(i, 3)
-            layers += [nn.LeakyReLU(0.2), nn.Conv3d(ch, c, (3, 4, 4), stride=(2 if i == 1 else 1, 2, 2), padding=1),
-                       nn.GroupNorm(min(32, c // 4), c)]
-            ch = c
-        layers += [nn.LeakyReLU(0.2), nn.Conv3d(ch, 1, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(as_weights(self, x))
-
-
-def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
-
-
-def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    return -fake_logits.mean()
-
-
-def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float = 1e4) -> torch.Tensor:
-    """VQGAN's balance (Esser et al. 2021): ``|d rec / d W| / |d adv / d W|`` at the decoder's last
-    weight ``W``, detached, so an adversarial term scaled by it pushes ``W`` as hard as the
-    reconstruction does. Without a graph (validation) it is 0."""
-    if not (rec_loss.requires_grad and adv_loss.requires_grad):
-        return rec_loss.new_zeros(())
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(max=max_weight).detach()
-
-
-__all__ = ["VideoVAE", "DiagonalGaussian", "CausalConv3d", "PatchDiscriminator3D", "hinge_d_loss",
-           "hinge_g_loss", "adaptive_weight", "tiled", "TINY_CONFIG"]
+__all__ = ["VideoVAE", "DiagonalGaussian", "CausalConv3d", "tiled", "TINY_CONFIG"]

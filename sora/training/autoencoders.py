@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from sora.evaluation.recon import psnr, trivial_psnr
-from sora.models.audio_vae import (AudioVAE, MultiPeriodDiscriminator, Vocoder, discriminator_loss,
-                                   feature_matching_loss, generator_adversarial_loss, mel_loss)
+from sora.models.audio_vae import AudioVAE, Vocoder
+from sora.models.gan import (MultiPeriodDiscriminator, PatchDiscriminator3D, discriminator_loss,
+                             feature_matching_loss, generator_adversarial_loss, hinge_d_loss)
+from sora.models.mel import mel_loss
 from sora.models.perceptual import LPIPS
-from sora.models.video_vae import PatchDiscriminator3D, VideoVAE, hinge_d_loss
+from sora.models.video_vae import VideoVAE
 from sora.training.optim import adamw_with_schedule
 
 
@@ -77,7 +79,7 @@ class VideoVAEModule(_Stage):
     + ``perceptual_weight`` * LPIPS (weights from the local file ``perceptual_weights``) and
     + ``gan_weight`` * hinge generator loss of a :class:`PatchDiscriminator3D` from
     ``gan_start_step`` on (its own hinge loss logged as ``train/disc``), scaled by VQGAN's
-    adaptive weight when ``gan_adaptive`` (:func:`sora.models.video_vae.adaptive_weight`).
+    adaptive weight when ``gan_adaptive`` (:func:`sora.models.gan.adaptive_weight`).
 
     ``chunk``: encode/decode in causal chunks of that many latent steps (memory bound, exact).
     """

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from sora.checkpoints.export import load_frozen
 from sora.data.latents import check_cache, text_is_frozen
 from sora.data.packing import PackedBatch
 from sora.diffusion.flow import (TaskTimesteps, drop_captions, drop_text, flow_loss, interpolate,
@@ -48,31 +49,6 @@ from sora.training.strategies import configure_sharding, parallelize_dit
 
 log = logging.getLogger(__name__)
 MODALITIES = ("video", "audio")
-
-
-def stage_weights(path: str, prefix: str, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Weights under ``prefix`` (e.g. ``"vae."``) from a Lightning checkpoint of an earlier stage,
-    with the prefix removed; its EMA weights (``callbacks["EMA"]["shadow"]``) when present and
-    ``use_ema``. Read with ``torch.load(weights_only=True)``: a checkpoint with pickled code is refused."""
-    from sora.checkpoints.io import load_checkpoint_file
-    from sora.checkpoints.export import model_weights
-
-    sub = model_weights(load_checkpoint_file(path), use_ema, prefix)
-    if not sub:
-        raise ValueError(f"{path}: no weights under {prefix!r}; is it a checkpoint of the right stage?")
-    return sub
-
-
-def load_frozen(module: nn.Module, path: str | None, prefix: str, what: str, use_ema: bool = True) -> nn.Module:
-    if path is None:
-        log.warning("%s: no checkpoint given, randomly initialised (only meaningful in tests)", what)
-    else:
-        try:
-            module.load_state_dict(stage_weights(str(path), prefix, use_ema))
-        except RuntimeError as e:
-            raise ValueError(f"{what}: the checkpoint {path} does not fit the configured architecture: "
-                             f"{' '.join(str(e).split())[:400]}") from e
-    return module.eval().requires_grad_(False)
 
 
 class DiTModule(L.LightningModule):

@@ -7,10 +7,8 @@ The LightningModule is built from the config on fake tensors (``FakeTensorMode``
 dtypes, no memory, no arithmetic) and one training step runs as Lightning runs it, in the state
 of a run under way (last step's gradients, AdamW's moments, the EMA copy alive): ``training_step``
 under the precision's autocast, ``zero_grad`` (after the forward: Lightning's order), backward,
-gradient clipping, the optimizer step, the EMA update. :class:`MemoryTracker` sees every tensor
-made and, through weak references to the storages, when each is freed: live bytes by category
-(:data:`CATEGORIES`) over time and their peak. Tensors of at most :data:`SMALL` elements made
-from real inputs are computed for real, so data-dependent Python (``if x.any()``) runs unchanged.
+gradient clipping, the optimizer step, the EMA update. :class:`sora.training.memory.MemoryTracker`
+sees every tensor made and when each is freed: live bytes by category over time and their peak.
 
 Strategies divide categories by the world size (:func:`sharding`). DeepSpeed's bf16 (bf16 weights
 and an fp32 master copy) is counted as autocast over fp32 weights: the same 16 bytes per parameter
@@ -24,19 +22,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
-                                           FakeTensorMode)
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-SMALL = 1 << 20  # elements: tensors made from real inputs up to this size are computed for real
-CATEGORIES = ("weights", "frozen", "buffers", "gradients", "optimizer", "ema", "activations")
+from sora.training.memory import CATEGORIES, MemoryTracker
+
 GIB = 2 ** 30
 PRECISIONS = {"32": "32", "32-true": "32", "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",  # Lightning's names
               "16-mixed": "16-mixed", "16": "16-mixed", "bf16-true": "bf16-true", "16-true": "16-true"}
@@ -45,76 +39,7 @@ CPU_ATTENTION_FLOPS = {  # torch's FLOP counter knows the CUDA attention kernels
         lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v)}
-_INDEX_OPS = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
 
-
-class MemoryTracker(TorchDispatchMode):
-    """A dispatch mode that runs ops on fake tensors (``fake=False``: for real) and counts the bytes
-    of every live storage by category; ``peak`` is the largest weighted total seen (``factors``:
-    per category, e.g. 1/world for sharded weights), ``at_peak`` its breakdown."""
-
-    def __init__(self, factors: dict[str, float] | None = None, fake: bool = True):
-        super().__init__()
-        self.fake = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-        self.factors = {**dict.fromkeys(CATEGORIES, 1.0), **(factors or {})}
-        self.live = dict.fromkeys(CATEGORIES, 0)
-        self.category = "activations"  # of the tensors that ops make
-        self._storages: dict[int, tuple] = {}  # id(storage) -> (weakref, category, bytes)
-        self.reset_peak()
-
-    def total(self) -> float:
-        return sum(self.factors[c] * n for c, n in self.live.items())
-
-    def reset_peak(self) -> None:
-        self.peak, self.at_peak = self.total(), dict(self.live)
-
-    def add(self, tensor: torch.Tensor, category: str | None = None) -> None:
-        """Count ``tensor``'s storage once; given a ``category``, a counted storage moves to it."""
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        entry = self._storages.get(key)
-        if entry is not None and entry[0]() is storage:
-            if category is None or category == entry[1]:
-                return
-            self.live[entry[1]] -= entry[2]
-        else:
-            entry = (weakref.ref(storage, lambda _, key=key: self._free(key)), None, storage.nbytes())
-        category = category or self.category
-        self.live[category] += entry[2]
-        self._storages[key] = (entry[0], category, entry[2])
-        if self.total() > self.peak:
-            self.peak, self.at_peak = self.total(), dict(self.live)
-
-    def _free(self, key: int) -> None:
-        _, category, nbytes = self._storages.pop(key)
-        self.live[category] -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.prim.device.default:  # asked of fake tensors all the time; makes no tensor
-            return args[0].fake_device if isinstance(args[0], FakeTensor) else func(*args)
-        out = self._run(func, args, kwargs or {}) if self.fake else func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.add(t)
-        return out
-
-    def _run(self, func, args, kwargs):
-        if any(isinstance(t, FakeTensor) for t in tree_flatten((args, kwargs))[0]):
-            if func in _INDEX_OPS:  # a real boolean mask indexes by its (real) nonzero positions
-                index = [j for i in args[1] for j in (i.nonzero(as_tuple=True) if isinstance(i, torch.Tensor) and not
-                                                      isinstance(i, FakeTensor) and i.dtype == torch.bool else (i,))]
-                args = (args[0], index, *args[2:])
-            with self.fake:
-                return func(*args, **kwargs)
-        if func._schema.is_mutable:  # in place on real inputs: real, as small as they are
-            return func(*args, **kwargs)
-        try:  # real inputs: fake first to learn the outputs' sizes, then for real when small
-            with self.fake:
-                out = func(*args, **kwargs)
-            small = all(t.numel() <= SMALL for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        except (DataDependentOutputException, DynamicOutputShapeException):
-            small = True
-        return func(*args, **kwargs) if small else out
 
 
 # -- how the run trains --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sora.data.datamodule import AVDataModule
-from sora.data.pipeline import ShardClipStream
+from sora.data.streams import ShardClipStream
 from sora.timeline import Timeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
