@@ -223,7 +223,7 @@ def test_packed_losses_equal_dense_losses(dit_module):
     tt.clean_video[0] = True  # a sample given its video (v2a-like) and
     tt.clean_audio[1, :5] = True  # one with an audio prefix: counted elements differ per sample
     noise = [{m: torch.randn_like(x) for m, x in z.items()} for z in zs]
-    packed = module.packed_losses(zs, noise, tt, text, mask)
+    packed = module.losses(zs, noise, tt, text, mask)
 
     from sora.diffusion.flow import TaskTimesteps
 
@@ -240,7 +240,7 @@ def test_packed_losses_equal_dense_losses(dit_module):
         torch.testing.assert_close(packed[f"loss_{m}"], expected, atol=1e-5, rtol=1e-5)
     n = len(zs[0]["video"])  # a pack of one bucket is the dense batch
     first = TaskTimesteps(tt.t_video[:n], tt.t_audio[:n], tt.clean_video[:n], tt.clean_audio[:n])
-    one = module.packed_losses(zs[:1], noise[:1], first, text[:n], mask[:n])
+    one = module.losses(zs[:1], noise[:1], first, text[:n], mask[:n])  # a list: the packed forward
     torch.testing.assert_close(one["loss"], dense[0]["loss"], atol=1e-5, rtol=1e-5)
 
 

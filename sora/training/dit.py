@@ -13,10 +13,10 @@ fixed noise.
 Rotary positions come from the timing contract (token times in seconds).
 
 A packed batch (``data.train.pack``, :class:`sora.data.packing.PackedBatch`: clips of several
-buckets) is encoded part by part, each bucket at its own shape, then runs through ONE packed DiT
+buckets) takes the same step: encoded part by part, each bucket at its own shape, then ONE packed DiT
 forward (block-diagonal attention, conditioning per sample, per-token timesteps as in a dense batch:
-``AVDiT.forward_packed``); each
-modality's loss is the mean over all the pack's generated latent elements, as in a dense batch.
+``AVDiT.forward_packed``); each modality's loss is the mean over all the pack's generated latent
+elements, as in a dense batch.
 
 The frozen autoencoders (and the vocoder) are part of this module's state, so a DiT checkpoint
 alone is enough to sample.
@@ -240,11 +240,42 @@ class DiTModule(L.LightningModule):
         return {"video": tt.t_video, "audio": tt.t_audio}
 
     def losses(self, z, noise, tt, text, text_mask, shots=None) -> dict[str, torch.Tensor]:
-        x = {"video": interpolate(z["video"], noise["video"], tt.video_token_t, tt.clean_video),
-             "audio": interpolate(z["audio"], noise["audio"], tt.audio_token_t, tt.clean_audio)}
-        v = self.velocity(x, self.model_timesteps(tt), text, text_mask, shots)
-        out = {"loss_video": flow_loss(v["video"], z["video"], noise["video"], clean_mask=tt.clean_video),
-               "loss_audio": flow_loss(v["audio"], z["audio"], noise["audio"], clean_mask=tt.clean_audio)}
+        """Flow losses per modality and their weighted sum. ``z`` / ``noise``: the batch's {video, audio}
+        latents, one DiT forward; or lists of them, one per part of a pack (a bucket's samples, in pack
+        order): ONE packed DiT forward (``AVDiT.forward_packed``), and each modality's loss is the mean
+        squared velocity error over the generated elements of all samples (a dense batch's loss when every
+        sample has the same shape). ``tt``: the tasks and timesteps of all samples, in that order."""
+        packed = isinstance(z, (list, tuple))
+        zs, noises = (z, noise) if packed else ([z], [noise])
+        if packed and self.sequence_parallel > 1:
+            raise ValueError(f"data.train.pack with model.sequence_parallel={self.sequence_parallel} is not "
+                             "supported yet; turn one of them off")
+        clean = {"video": tt.clean_video, "audio": tt.clean_audio}
+        token_t = {"video": tt.video_token_t, "audio": tt.audio_token_t}
+        parts, start = [], 0  # each part's samples
+        for part in zs:
+            parts.append(slice(start, start + len(part["video"])))
+            start = parts[-1].stop
+        x = [{m: interpolate(part[m], n[m], token_t[m][p], clean[m][p]) for m in MODALITIES}
+             for part, n, p in zip(zs, noises, parts)]
+        t = self.model_timesteps(tt)
+        if packed:
+            b = start
+            vv, va = self.dit([v for xi in x for v in xi["video"].unbind(0)],
+                              [a for xi in x for a in xi["audio"].unbind(0)], text, text_mask, t["video"],
+                              t["audio"], [self.video_times] * b, [self.audio_times] * b)
+            v = [{"video": torch.stack(vv[p]), "audio": torch.stack(va[p])} for p in parts]
+        else:
+            v = [self.velocity(x[0], t, text, text_mask, shots)]
+        out = {}
+        for m in MODALITIES:
+            losses = [flow_loss(vi[m], part[m], n[m], clean_mask=clean[m][p])
+                      for vi, part, n, p in zip(v, zs, noises, parts)]
+            if packed:  # weighted by each part's generated elements
+                counts = [int((~clean[m][p]).sum()) * part[m][0, :, 0].numel() for part, p in zip(zs, parts)]
+                out[f"loss_{m}"] = sum(loss * c for loss, c in zip(losses, counts)) / max(sum(counts), 1)
+            else:
+                out[f"loss_{m}"] = losses[0]
         out["loss"] = self.weighted(out)
         return out
 
@@ -258,74 +289,29 @@ class DiTModule(L.LightningModule):
         return timesteps_for_tasks(tasks, t, ta, video_len, audio_len)
 
     def training_step(self, batch, batch_idx):
-        if isinstance(batch, PackedBatch):
-            return self.packed_training_step(batch)
-        z = self.normalize(self.encode(batch))
-        b, device = len(batch), z["video"].device
-        drop = drop_text(b, self.text_drop_prob)
-        script = self.encode_script_text(batch, drop)  # multi-shot clips: captions per shot
-        text, text_mask, shots = script if script is not None else (*self.encode_text(batch, drop), None)
-        _, _, t_, h_, w_ = z["video"].shape
-        p = self.dit.patch_size
-        self._tokens = (t_ * (h_ // p) * (w_ // p), z["audio"].shape[2], text.shape[1])
-        tt = self.sample_timesteps(b, z["video"].shape[2], z["audio"].shape[2], device)
-        noise = {m: torch.randn_like(x) for m, x in z.items()}
-        out = self.losses(z, noise, tt, text, text_mask, shots)
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=b)
-        self.log("train/loss", out["loss"].detach(), batch_size=b, prog_bar=True)
-        return out["loss"]
-
-    def packed_losses(self, zs: list[dict], noise: list[dict], tt: TaskTimesteps, text, text_mask) -> dict:
-        """:meth:`losses` for a pack: ``zs`` / ``noise`` one {video, audio} dict per part (a bucket's
-        samples, in pack order). One packed DiT forward; each modality's loss is the mean squared
-        velocity error over the generated elements of all samples (a dense batch's loss when every
-        sample has the same shape)."""
-        if self.sequence_parallel > 1:
-            raise ValueError(f"data.train.pack with model.sequence_parallel={self.sequence_parallel} is not "
-                             "supported yet; turn one of them off")
-        parts, start = [], 0  # each part's samples in the pack
-        for z in zs:
-            parts.append(slice(start, start + len(z["video"])))
-            start = parts[-1].stop
-        clean = {"video": tt.clean_video, "audio": tt.clean_audio}
-        token_t = {"video": tt.video_token_t, "audio": tt.audio_token_t}
-        x = {m: [] for m in MODALITIES}  # noised latents, one per sample
-        for z, n, p in zip(zs, noise, parts):
-            for m in MODALITIES:
-                x[m].extend(interpolate(z[m], n[m], token_t[m][p], clean[m][p]).unbind(0))
-        b = len(x["video"])
-        t = self.model_timesteps(tt)
-        vv, va = self.dit(x["video"], x["audio"], text, text_mask, t["video"], t["audio"], [self.video_times] * b,
-                          [self.audio_times] * b)
-        v = {"video": vv, "audio": va}
-        out = {}
-        for m in MODALITIES:
-            total, count = 0.0, 0
-            for z, n, p in zip(zs, noise, parts):
-                counted = int((~clean[m][p]).sum()) * z[m][0, :, 0].numel()  # generated elements of the part
-                loss = flow_loss(torch.stack(v[m][p]), z[m], n[m], clean_mask=clean[m][p])
-                total, count = total + loss * counted, count + counted
-            out[f"loss_{m}"] = total / max(count, 1)
-        out["loss"] = self.weighted(out)
-        return out
-
-    def packed_training_step(self, batch: PackedBatch):
-        """A training step on a pack of clips of several buckets (see the module doc)."""
-        if any("shots" in m for part in batch.parts for m in (part.meta or [])):
+        """A dense batch, or a pack of clips of several buckets (:class:`PackedBatch`: each bucket encoded at its
+        own shape, then one packed DiT forward): the same step."""
+        packed = isinstance(batch, PackedBatch)
+        if packed and any("shots" in m for part in batch.parts for m in (part.meta or [])):
             raise ValueError("multi-shot clips (data.train.shots) with data.train.pack are not supported yet: set "
                              "data.train.shots=null or turn packing off")
-        zs = [self.normalize(self.encode(part)) for part in batch.parts]  # each bucket at its own shape
+        zs = [self.normalize(self.encode(part)) for part in (batch.parts if packed else [batch])]
         b, device = len(batch), zs[0]["video"].device
-        text, text_mask = self.encode_text(batch, drop_text(b, self.text_drop_prob))
+        drop = drop_text(b, self.text_drop_prob)
+        script = None if packed else self.encode_script_text(batch, drop)  # multi-shot clips: captions per shot
+        text, text_mask, shots = script if script is not None else (*self.encode_text(batch, drop), None)
         p = self.dit.patch_size
         video_tokens = sum(len(z["video"]) * math.prod(z["video"].shape[2:]) // (p * p) for z in zs)
-        self._tokens = (round(video_tokens / b), zs[0]["audio"].shape[2], round(float(text_mask.sum()) / b))
+        text_tokens = round(float(text_mask.sum()) / b) if packed else text.shape[1]
+        self._tokens = (round(video_tokens / b), zs[0]["audio"].shape[2], text_tokens)
         tt = self.sample_timesteps(b, zs[0]["video"].shape[2], zs[0]["audio"].shape[2], device)
         noise = [{m: torch.randn_like(x) for m, x in z.items()} for z in zs]
-        out = self.packed_losses(zs, noise, tt, text, text_mask)
+        out = self.losses(zs, noise, tt, text, text_mask) if packed else self.losses(zs[0], noise[0], tt, text,
+                                                                                     text_mask, shots)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=b)
-        self.log_dict({"train/pack_samples": float(b), "train/pack_tokens": float(self.batch_tokens(batch))},
-                      batch_size=b)
+        if packed:
+            self.log_dict({"train/pack_samples": float(b), "train/pack_tokens": float(self.batch_tokens(batch))},
+                          batch_size=b)
         self.log("train/loss", out["loss"].detach(), batch_size=b, prog_bar=True)
         return out["loss"]
 
