@@ -197,7 +197,6 @@ def read_training_checkpoint(path) -> dict:
     return ckpt
 
 
-
 # -- an earlier stage's weights, frozen into a later one ----------------------------------------
 def stage_weights(path, prefix: str, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """Weights under ``prefix`` (e.g. ``"vae."``) from any checkpoint of an earlier stage (a file, a DeepSpeed
