@@ -28,6 +28,7 @@ import torch
 FORMAT = "sora-export/1"
 EMA_PREFIX = "ema."
 SUFFIX = ".safetensors"
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -212,8 +213,7 @@ def load_frozen(module: torch.nn.Module, path, prefix: str, what: str, use_ema: 
     """``module`` with the weights of ``path`` under ``prefix`` (:func:`stage_weights`), in eval mode and without
     gradients; ``path`` None: left randomly initialised (tests only, logged). ``what`` names it in errors."""
     if path is None:
-        logging.getLogger(__name__).warning("%s: no checkpoint given, randomly initialised (only meaningful in "
-                                            "tests)", what)
+        log.warning("%s: no checkpoint given, randomly initialised (only meaningful in tests)", what)
     else:
         try:
             module.load_state_dict(stage_weights(path, prefix, use_ema))

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-# old import path -> new one
+# old import path -> new one: only classes that configs name (a `_target_` a run may have stored)
 MOVED_TARGETS = {
     "sora.models.audio_vae.MultiPeriodDiscriminator": "sora.models.gan.MultiPeriodDiscriminator",
-    "sora.models.audio_vae.PeriodDiscriminator": "sora.models.gan.PeriodDiscriminator",
-    "sora.models.audio_vae.MelSpectrogram": "sora.models.mel.MelSpectrogram",
     "sora.models.video_vae.PatchDiscriminator3D": "sora.models.gan.PatchDiscriminator3D",
     "sora.data.pipeline.ShardClipStream": "sora.data.streams.ShardClipStream",
     "sora.data.pipeline.WorldClipStream": "sora.data.streams.WorldClipStream",

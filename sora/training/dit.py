@@ -306,8 +306,7 @@ class DiTModule(L.LightningModule):
         self._tokens = (round(video_tokens / b), zs[0]["audio"].shape[2], text_tokens)
         tt = self.sample_timesteps(b, zs[0]["video"].shape[2], zs[0]["audio"].shape[2], device)
         noise = [{m: torch.randn_like(x) for m, x in z.items()} for z in zs]
-        out = self.losses(zs, noise, tt, text, text_mask) if packed else self.losses(zs[0], noise[0], tt, text,
-                                                                                     text_mask, shots)
+        out = self.losses(zs if packed else zs[0], noise if packed else noise[0], tt, text, text_mask, shots)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=b)
         if packed:
             self.log_dict({"train/pack_samples": float(b), "train/pack_tokens": float(self.batch_tokens(batch))},
