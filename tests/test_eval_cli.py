@@ -70,11 +70,11 @@ def test_dit_checkpoint_folder_gives_a_table_over_steps(demo, tmp_path):
     run, _ = demo
     out = tmp_path / "eval"
     proc = _ok(_eval(f"ckpt={run / 'dit' / 'checkpoints'}", f"data={run / 'heldout'}", f"out={out}", "num_samples=2",
-                     "steps=2", "task=v2a", cache=tmp_path / "cache"))
+                     "steps=2", "task=v2a", "shift=3", cache=tmp_path / "cache"))
     result = json.loads((out / "metrics.json").read_text())
     assert [r["step"] for r in result["checkpoints"]] == [3]  # last.ckpt and step=3.ckpt are one step
     assert {"fd_mel", "val/loss_video", "val/loss_audio", "sync/clips"} <= set(result["metrics"])
-    assert result["protocol"]["task"] == "v2a"
+    assert result["protocol"]["task"] == "v2a" and result["protocol"]["sampler"]["shift"] == 3
     report = (out / "report.md").read_text()
     assert "## Over training steps" in report and (out / "plots" / "val_loss.png").is_file()
     assert "checkpoints in" in proc.stdout

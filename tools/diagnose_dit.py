@@ -12,6 +12,9 @@ On held-out world clips (``make_clip(seed + i)`` at the checkpoint's timeline an
 - ``x0``: the model's one-step estimate of the clean video latents, ``x_t - t v``, at fixed t (fixed noise,
   the audio given as pure noise), its mean squared error beside two trivial predictors: zeros (the latents'
   mean) and the batch's mean latent. A model worse than the batch mean at some t has not learned that t.
+  The same estimate under other captions (each clip's caption moved one clip along; the empty caption) says
+  how much the model uses its caption at each t: a model that does gains most where the noise hides the
+  picture, at high t.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=1000, help="held-out world clips: seed, seed + 1, ...")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.6, 0.8, 0.9, 1.0])
-    p.add_argument("--times", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
+    p.add_argument("--strengths", type=float, nargs="*", default=[0.3, 0.6, 0.8, 0.9, 1.0],
+                   help="remix strengths (none: only the x0 table)")
+    p.add_argument("--times", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0])
     args = p.parse_args(argv)
 
     import torch
@@ -53,7 +57,8 @@ def main(argv=None) -> None:
     captions, n = [c.caption for c in clips], len(clips)
     opts = dict(steps=args.steps, guidance=args.guidance, seed=0)
 
-    print("| strength | tracked | in sync | colour named = tracked | PSNR vs the clip |\n|---|---|---|---|---|")
+    if args.strengths:
+        print("| strength | tracked | in sync | colour named = tracked | PSNR vs the clip |\n|---|---|---|---|---|")
     for s in args.strengths:
         made = [pipe.remix(c.caption, c.frames, c.audio[:, :tl.num_samples], strength=s, **opts) if s < 1
                 else pipe.generate(c.caption, **opts) for c in clips]
@@ -65,17 +70,22 @@ def main(argv=None) -> None:
 
     with torch.no_grad():
         z = torch.cat([pipe.encode(video=c.frames)["video"] for c in clips])
-        text, mask = module.text_encoder(captions)
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn(z.shape, generator=gen)
         audio = torch.randn((n, module.audio_vae.latent_channels, tl.audio_latent_steps), generator=gen)
-        print("\n| t | x0 MSE (video, normalised latents) | zeros | batch mean |\n|---|---|---|---|")
+        variants = {"own": captions, "shuffled": captions[1:] + captions[:1], "empty": [""] * n}
+        encoded = {k: module.text_encoder(v) for k, v in variants.items()}
+        print("\n| t | x0 MSE (video, normalised latents), own caption | shuffled captions | empty caption | zeros "
+              "| batch mean |\n|---|---|---|---|---|---|")
         zeros, batch_mean = float(z.square().mean()), float((z - z.mean(0, keepdim=True)).square().mean())
         for t in args.times:
             xt = interpolate(z, noise, t)
-            v = module.velocity({"video": xt, "audio": audio}, {"video": torch.full((n,), t),
-                                                                "audio": torch.ones(n)}, text, mask)["video"]
-            print(f"| {t:g} | {float((xt - t * v - z).square().mean()):.3f} | {zeros:.3f} | {batch_mean:.3f} |")
+            row = []
+            for text, mask in encoded.values():
+                v = module.velocity({"video": xt, "audio": audio}, {"video": torch.full((n,), t),
+                                                                    "audio": torch.ones(n)}, text, mask)["video"]
+                row.append(f"{float((xt - t * v - z).square().mean()):.3f}")
+            print(f"| {t:g} | {' | '.join(row)} | {zeros:.3f} | {batch_mean:.3f} |")
 
 
 if __name__ == "__main__":

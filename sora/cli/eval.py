@@ -98,7 +98,7 @@ def generate_clips(pipe, refs, cfg: DictConfig, out: Path) -> list:
     clips = []
     for i, ref in enumerate(tqdm(refs, desc=f"sampling ({cfg.task})", unit="clip")):
         clip = pipe.generate(ref.caption, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler,
-                             seed=int(cfg.seed) + i, size=ref.frames.shape[1:3],
+                             shift=float(cfg.shift), seed=int(cfg.seed) + i, size=ref.frames.shape[1:3],
                              video=ref.frames if cfg.task == "v2a" else None,
                              audio=ref.audio[None] if cfg.task == "a2v" else None)
         clip.audio = np.asarray(clip.audio, np.float32).reshape(1, -1)
@@ -243,7 +243,7 @@ def run(cfg: DictConfig) -> dict:
     result["baselines"] = evaluation.baselines()
     result["protocol"] = {**evaluation.protocol, "task": cfg.task if cfg.samples is None else None,
                           "sampler": {"name": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
-                                      "use_ema": cfg.use_ema}}
+                                      "shift": cfg.shift, "use_ema": cfg.use_ema}}
     result["seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=_json))
     write_eval_report(out, result, clips, evaluation.refs)
