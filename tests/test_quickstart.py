@@ -145,5 +145,6 @@ def test_presets_compose_into_stage_configs_that_pass_the_checks():
         assert dict(stages["dit"].model.video_vae) | {"temporal_stride": 4} == {
             **{k: v for k, v in stages["video_vae"].model.vae.items()}, "temporal_stride": 4}
         assert demo.eval.num_samples == 16 and demo.targets.tracked == "15/16" and "v2a" in demo.eval.tasks
+        assert stages["dit"].model.timestep_shift == 6  # the longer runs train more at high noise
         if preset == "gpu":
             assert stages["dit"].timeline.fps == 24 and stages["dit"].data.train.world.width == 64
