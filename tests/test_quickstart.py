@@ -82,7 +82,7 @@ def test_demo_runs_end_to_end(demo):
     assert f"model.video_vae_ckpt={run / 'video_vae' / 'checkpoints' / 'last.ckpt'}" in out
     assert f"$ sora-cache-latents {run / 'latents'} experiment=quickstart/dit" in out  # the DiT's latents
     assert "[latents] 16 clips in" in out and f"data.train.urls={run / 'latents' / 'latents-*.tar'}" in out
-    assert out.count(f"$ sora-sample ckpt={run / 'dit' / 'checkpoints' / 'last.ckpt'}") == len(prompts)
+    assert out.count(f"$ sora-sample ckpt={run / 'dit' / 'checkpoints' / 'last.ckpt'} prompts=") == 1  # one start-up
 
     from sora.media import probe_av  # 3. samples: both streams, the asked 1 s (17 frames at 16 fps)
 
@@ -105,6 +105,8 @@ def test_demo_runs_end_to_end(demo):
     assert "[report]" in out
     results = json.loads((run / "report.json").read_text())
     assert [s["name"] for s in results["stages"]] == ["video_vae", "audio_vae", "latents", "dit"]
+    assert [s["prompt"] for s in results["samples"]] == prompts
+    assert all(0 < s["seconds"] <= s["call_seconds"] for s in results["samples"])  # each clip's own time, parsed
 
     # 5. sora-eval on held-out world clips: both autoencoders' reconstructions, the DiT's samples
     evaluations = {e["name"]: e for e in results["evaluations"]}

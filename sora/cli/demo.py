@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -249,23 +250,29 @@ def evaluate(cfg: DictConfig, out: Path, name: str, ckpt: Path, task: str | None
     return result
 
 
-def slug(text: str, n: int = 32) -> str:
-    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:n].strip("-") or "sample"
-
-
 def sample_prompts(cfg: DictConfig, out: Path, ckpt: Path) -> list[dict]:
+    """The prompts in one ``sora-sample prompts=FILE`` call (one start-up, seed + i for prompt i) into
+    ``DIR/samples/000.mp4, 001.mp4, ...``; each sample's time from the line sora-sample prints for it."""
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt_file = folder / "prompts.txt"
+    prompt_file.write_text("".join(f"{p}\n" for p in cfg.sample.prompts))
+    args = [f"ckpt={ckpt}", f"prompts={prompt_file}", f"seconds={cfg.sample.seconds}", f"out={folder}",
+            f"steps={cfg.sample.steps}", f"guidance={cfg.sample.guidance}", f"seed={cfg.seed}"]
+    log_path = out / "logs" / "samples.log"
+    seconds, command = run_logged("sora-sample", "sora.cli.sample", args, log_path)
+    took = dict(re.findall(r"^sora-sample: wrote (\S+) .* in ([0-9.]+) s; prompt", log_path.read_text(), re.M))
     samples = []
     for i, prompt in enumerate(cfg.sample.prompts):
-        path = out / "samples" / f"{i}-{slug(prompt)}.mp4"
-        quoted = prompt.replace("\\", "\\\\").replace('"', '\\"')
-        args = [f"ckpt={ckpt}", f'prompt="{quoted}"', f"seconds={cfg.sample.seconds}", f"out={path}",
-                f"steps={cfg.sample.steps}", f"guidance={cfg.sample.guidance}", f"seed={cfg.seed + i}"]
-        seconds, command = run_logged("sora-sample", "sora.cli.sample", args, out / "logs" / f"sample-{i}.log")
+        path = folder / f"{i:03d}.mp4"
         info = probe_av(path)
-        samples.append({"prompt": prompt, "path": path, "command": command, "seconds": seconds,
+        samples.append({"prompt": prompt, "path": path, "command": command, "call_seconds": seconds,
+                        "seconds": float(took.get(str(path), 0)),
                         "duration": info.duration, "audio_duration": info.audio_duration})
         print(f"[sample {i}] {path}: {info.num_frames} frames {info.width}x{info.height}, video "
-              f"{info.duration:.2f} s, audio {info.audio_duration:.2f} s ({seconds:.1f} s)", flush=True)
+              f"{info.duration:.2f} s, audio {info.audio_duration:.2f} s ({samples[-1]['seconds']:.1f} s); {prompt!r}",
+              flush=True)
+    print(f"[samples] {len(samples)} in {seconds:.1f} s (one sora-sample call)", flush=True)
     return samples
 
 

@@ -163,7 +163,8 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
 
     ``targets``: :func:`target_rows` of the evaluations.
     ``stages``: dicts with name, command, seconds, plot (Path or None), metrics (list of (label, start, end)).
-    ``samples``: dicts with prompt, path, command, seconds, duration, audio_duration.
+    ``samples``: dicts with prompt, path, command, seconds, duration, audio_duration (and call_seconds: the
+    wall time of the command, which may have written several).
     """
     path = Path(path)
     root = path.parent
@@ -199,7 +200,8 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
             head = (f"| {stage['name']} | {stage.get('steps', '–')} | {stage['seconds']:.1f} s" if i == 0
                     else "| | |")
             lines.append(f"{head} | {label} | {fmt(start)} | {fmt(end)} |")
-    sample_seconds = sum(s["seconds"] for s in samples)
+    calls = {s["command"]: s.get("call_seconds", s["seconds"]) for s in samples}  # one call may write several
+    sample_seconds = sum(calls.values())
     lines += [f"| samples | {len(samples)} | {sample_seconds:.1f} s | | | |", ""]
     for stage in stages:
         lines += [f"### {stage['name']}", "", "```bash", stage["command"], "```", "",
@@ -212,7 +214,7 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
     for s in samples:
         lines.append(f"| {s['prompt']} | [{Path(s['path']).name}]({rel(s['path'])}) | {s['duration']:.2f} s | "
                      f"{s['audio_duration']:.2f} s | {s['seconds']:.1f} s |")
-    lines += ["", "```bash", *[s["command"] for s in samples], "```", ""]
+    lines += ["", "```bash", *calls, "```", ""]
     for e in evaluations:
         m, real, shuffled = e["metrics"], e["baselines"]["real"], e["baselines"]["shuffled"]
         proto, folder = e["protocol"], Path(e["folder"])
