@@ -148,6 +148,41 @@ def test_i3d_features_batches_in_order():
         i3d_features([clips[0][0]], probe)
 
 
+
+def test_per_clip_feature_cache(tmp_path):
+    """Extractors.features with a FeatureCache: a clip whose frames were seen before (same bytes, same
+    weights) is read back, not recomputed; the rows equal an uncached run's, in order; store=False
+    looks up without writing; other weights miss."""
+    from sora.evaluation.evaluator import Clip, Extractors, FeatureCache
+
+    rng = np.random.default_rng(1)
+    clips = [Clip(rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8), np.zeros(160, np.float32), has_audio=False)
+             for _ in range(4)]
+    ext, cache = Extractors(), FeatureCache(str(tmp_path))
+    ext.i3d, ext.i3d_sha256 = Probe(), "a" * 64
+    plain = ext.features(clips, 16000)["video"]
+    assert len(ext.i3d.batches) == 1 and ext.i3d.batches[0][0] == 4
+    ext.i3d.batches.clear()
+    looked = ext.features(clips[:2], 16000, cache=cache)["video"]  # store=False: computed, nothing written
+    assert not list(tmp_path.glob("row-*.npy")) and [b[0] for b in ext.i3d.batches] == [2]
+    ext.features(clips[:2], 16000, cache=cache, store=True)
+    assert len(list(tmp_path.glob("row-*.npy"))) == 2
+    ext.i3d.batches.clear()
+    mixed = [clips[3], clips[0], clips[2], clips[1]]  # two known clips among two new ones
+    got = ext.features(mixed, 16000, cache=cache)["video"]
+    assert [b[0] for b in ext.i3d.batches] == [2]  # only the new ones ran
+    np.testing.assert_array_equal(got, plain[[3, 0, 2, 1]])
+    np.testing.assert_array_equal(looked, plain[:2])
+    changed = clips[0].frames.copy()
+    changed[0, 0, 0, 0] ^= 1  # one bit of one pixel: another clip
+    ext.i3d.batches.clear()
+    ext.features([Clip(changed, clips[0].audio, has_audio=False)], 16000, cache=cache)
+    assert [b[0] for b in ext.i3d.batches] == [1]
+    ext.i3d_sha256 = "b" * 64  # other weights: every clip misses
+    ext.i3d.batches.clear()
+    ext.features(clips[:2], 16000, cache=cache)
+    assert [b[0] for b in ext.i3d.batches] == [2]
+
 # ---- converter without the real weights ---------------------------------------------------------
 
 def flax_tree(model: InceptionI3d) -> dict:

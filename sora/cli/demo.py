@@ -7,7 +7,7 @@
    (``sora-train experiment=quickstart/<stage> hydra.run.dir=DIR/<stage>``, each a subprocess);
    with ``stages.dit.latents`` the DiT's clips are first encoded once (``sora-cache-latents``
    into ``DIR/latents``) and the DiT trains on them (``data=latents``);
-3. sample the prompts with ``sora-sample`` into ``DIR/samples/*.mp4``;
+3. sample the prompts with one ``sora-sample prompts=`` call into ``DIR/samples/000.mp4``, ...;
 4. ``sora-eval`` on held-out world shards (``DIR/heldout``): the autoencoders' reconstructions
    (``DIR/eval_<name>``) and the DiT's samples (``DIR/eval``; ``task=v2a`` into ``DIR/eval_v2a``);
 5. ``DIR/report.md``: the ``targets`` table (met or not, beside real and shuffled clips), loss

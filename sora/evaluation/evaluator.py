@@ -157,17 +157,31 @@ class Extractors:
                           "sample_rate": self.audio.sample_rate, "dim": self.audio.dim,
                           "weights_sha256": self.audio_sha256}}
 
-    def features(self, clips: list[Clip], sample_rate: int, progress: bool = False) -> dict[str, np.ndarray]:
+    def features(self, clips: list[Clip], sample_rate: int, progress: bool = False, cache: FeatureCache | None = None,
+                 store: bool = False) -> dict[str, np.ndarray]:
         """``video`` I3D logits ``[N, 400]`` (when I3D is loaded), ``audio`` embeddings of the clips
-        with sound ``[sum K, dim]``."""
+        with sound ``[sum K, dim]``. ``cache``: each clip's I3D row is looked up there by its frames'
+        bytes and the weights (a reconstruction that kept the reference's frames, the real baseline
+        of an earlier evaluation), and the computed rows are written there when ``store``."""
         out = {}
         if self.i3d is not None:
-            from sora.evaluation.i3d import i3d_features
-
-            out["video"] = i3d_features([c.frames for c in clips], self.i3d, self.batch_size, progress=progress)
+            out["video"] = self.video_features([c.frames for c in clips], progress, cache, store)
         audible = [c.audio for c in clips if c.has_audio]
         out["audio"] = self.audio.embed_many(audible, sample_rate) if audible else np.zeros((0, self.audio.dim))
         return out
+
+    def video_features(self, videos: list[np.ndarray], progress: bool, cache: FeatureCache | None,
+                       store: bool) -> np.ndarray:
+        from sora.evaluation.i3d import i3d_features
+
+        def compute(indices: list[int]) -> np.ndarray:
+            return i3d_features([videos[i] for i in indices], self.i3d, self.batch_size, progress=progress)
+
+        if cache is None or cache.directory is None or not videos:
+            return compute(list(range(len(videos))))
+        keys = [FeatureCache.key(i3d=self.i3d_sha256, shape=v.shape, dtype=str(v.dtype),
+                                 frames=hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()) for v in videos]
+        return cache.rows(keys, compute, store)
 
 
 class FeatureCache:
@@ -193,6 +207,23 @@ class FeatureCache:
             np.savez(tmp, **feats)
             tmp.replace(path)
         return feats, False
+
+    def rows(self, keys: list[str], compute, store: bool) -> np.ndarray:
+        """One feature row per key, in order: those on disk (``row-<key>.npy``) read, the others from
+        ``compute(indices)`` (their rows in that order) and written when ``store``."""
+        paths = [self.directory / f"row-{k}.npy" for k in keys]
+        found = {i: np.load(p, allow_pickle=False) for i, p in enumerate(paths) if p.is_file()}
+        missing = [i for i in range(len(keys)) if i not in found]
+        if missing:
+            for i, row in zip(missing, compute(missing)):
+                found[i] = row
+                if store:
+                    paths[i].parent.mkdir(parents=True, exist_ok=True)
+                    tmp = paths[i].with_suffix(".tmp.npy")
+                    np.save(tmp, row)
+                    tmp.replace(paths[i])
+        log.info("I3D: %d of %d clips' features from the cache %s", len(keys) - len(missing), len(keys), self.directory)
+        return np.stack([found[i] for i in range(len(keys))])
 
 
 # -- the metric set -------------------------------------------------------------------------------
@@ -239,9 +270,11 @@ def world_config(clips: list[Clip], size):
 
 
 def clip_metrics(clips: list[Clip], ref_feats: dict, extractors: Extractors, fps: float, sample_rate: int,
-                 world=None, seed: int = 0, progress: bool = False) -> dict:
-    """Every metric of ``clips`` against the reference features: distances, sync, physics."""
-    feats = extractors.features(clips, sample_rate, progress)
+                 world=None, seed: int = 0, progress: bool = False, cache: FeatureCache | None = None,
+                 store: bool = False) -> dict:
+    """Every metric of ``clips`` against the reference features: distances, sync, physics
+    (``cache``, ``store``: :meth:`Extractors.features`)."""
+    feats = extractors.features(clips, sample_rate, progress, cache, store)
     return {**distances(feats, ref_feats, extractors.audio_name, seed), **av_metrics(clips, fps, sample_rate, world)}
 
 
@@ -253,8 +286,9 @@ def shuffled(clips: list[Clip]) -> list[Clip]:
 
 
 def baselines(real: list[Clip], ref_feats: dict, extractors: Extractors, fps: float, sample_rate: int,
-              world=None, seed: int = 0) -> dict:
-    """``real``: held-out real clips against the references (the floor of every metric);
+              world=None, seed: int = 0, cache: FeatureCache | None = None) -> dict:
+    """``real``: held-out real clips against the references (the floor of every metric; their I3D rows
+    kept in ``cache`` for the next evaluation on the same data);
     ``shuffled``: the same clips with their sound swapped between clips (sync should break)."""
-    return {"real": clip_metrics(real, ref_feats, extractors, fps, sample_rate, world, seed),
+    return {"real": clip_metrics(real, ref_feats, extractors, fps, sample_rate, world, seed, cache=cache, store=True),
             "shuffled": av_metrics(shuffled(real), fps, sample_rate, world)}

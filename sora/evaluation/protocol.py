@@ -34,12 +34,15 @@ class Evaluation:
             "size": self.size, "sample_rate": self.sr, "extractors": extractors.describe(),
             "physics_probe": self.world is not None}
         key = FeatureCache.key(**{k: v for k, v in self.protocol.items() if k not in ("data", "real_baseline_source")})
-        self.ref_feats, cached = FeatureCache(cache_dir).get(key, lambda: extractors.features(
-            self.refs, self.sr, progress))
+        self.cache = FeatureCache(cache_dir)
+        self.ref_feats, cached = self.cache.get(key, lambda: extractors.features(
+            self.refs, self.sr, progress, self.cache, store=True))
         self.protocol["reference_features"] = "cache " + key if cached else "computed (cached as " + key + ")"
 
     def score(self, clips) -> dict:
-        return clip_metrics(clips, self.ref_feats, self.extractors, self.fps, self.sr, self.world, self.seed)
+        return clip_metrics(clips, self.ref_feats, self.extractors, self.fps, self.sr, self.world, self.seed,
+                            cache=self.cache)
 
     def baselines(self) -> dict:
-        return baselines(self.real, self.ref_feats, self.extractors, self.fps, self.sr, self.world, self.seed)
+        return baselines(self.real, self.ref_feats, self.extractors, self.fps, self.sr, self.world, self.seed,
+                         self.cache)
