@@ -185,7 +185,8 @@ class Extractors:
 
 
 class FeatureCache:
-    """Reference features on disk, one ``.npz`` per key (a hash of data, protocol and extractors)."""
+    """Reference features on disk, one ``.npz`` per key (a hash of data, protocol and extractors), and
+    single clips' I3D rows, one ``row-<key>.npy`` per clip (:meth:`rows`)."""
 
     def __init__(self, directory: str | None):
         self.directory = Path(directory).expanduser() if directory else None
