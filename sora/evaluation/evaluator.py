@@ -203,10 +203,7 @@ class FeatureCache:
                 return {k: f[k] for k in f.files}, True
         feats = compute()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **feats)
-            tmp.replace(path)
+            self.save(path, lambda tmp: np.savez(tmp, **feats))
         return feats, False
 
     def rows(self, keys: list[str], compute, store: bool) -> np.ndarray:
@@ -215,16 +212,20 @@ class FeatureCache:
         paths = [self.directory / f"row-{k}.npy" for k in keys]
         found = {i: np.load(p, allow_pickle=False) for i, p in enumerate(paths) if p.is_file()}
         missing = [i for i in range(len(keys)) if i not in found]
-        if missing:
-            for i, row in zip(missing, compute(missing)):
-                found[i] = row
-                if store:
-                    paths[i].parent.mkdir(parents=True, exist_ok=True)
-                    tmp = paths[i].with_suffix(".tmp.npy")
-                    np.save(tmp, row)
-                    tmp.replace(paths[i])
+        for i, row in zip(missing, compute(missing) if missing else []):
+            found[i] = row
+            if store:
+                self.save(paths[i], lambda tmp: np.save(tmp, row))
         log.info("I3D: %d of %d clips' features from the cache %s", len(keys) - len(missing), len(keys), self.directory)
         return np.stack([found[i] for i in range(len(keys))])
+
+    @staticmethod
+    def save(path: Path, write) -> None:
+        """``write(tmp)`` next to ``path``, then renamed: a reader never sees half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp" + path.suffix)
+        write(tmp)
+        tmp.replace(path)
 
 
 # -- the metric set -------------------------------------------------------------------------------

@@ -163,8 +163,8 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
 
     ``targets``: :func:`target_rows` of the evaluations.
     ``stages``: dicts with name, command, seconds, plot (Path or None), metrics (list of (label, start, end)).
-    ``samples``: dicts with prompt, path, command, seconds, duration, audio_duration (and call_seconds: the
-    wall time of the command, which may have written several).
+    ``samples``: dicts with prompt, path, command, call_seconds (the command's wall time; one command may
+    write several samples), seconds (this sample's), duration, audio_duration.
     """
     path = Path(path)
     root = path.parent
@@ -200,7 +200,7 @@ def write_report(path: str | Path, *, preview: dict, stages: list[dict], samples
             head = (f"| {stage['name']} | {stage.get('steps', '–')} | {stage['seconds']:.1f} s" if i == 0
                     else "| | |")
             lines.append(f"{head} | {label} | {fmt(start)} | {fmt(end)} |")
-    calls = {s["command"]: s.get("call_seconds", s["seconds"]) for s in samples}  # one call may write several
+    calls = {s["command"]: s["call_seconds"] for s in samples}  # one call may write several
     sample_seconds = sum(calls.values())
     lines += [f"| samples | {len(samples)} | {sample_seconds:.1f} s | | | |", ""]
     for stage in stages:
