@@ -31,8 +31,9 @@ class TwoBranch(L.LightningModule):
     """A video and an audio branch; the audio input is NaN at ``nan_steps``; sends ``signum`` to itself at
     ``signal_step``. Constant data: a resumed run sees the same batches as an uninterrupted one."""
 
-    def __init__(self, nan_steps=(), signal_step=None, signum=signal.SIGUSR1):
+    def __init__(self, nan_steps=(), signal_step=None, signum=signal.SIGUSR1, fused=False):
         super().__init__()
+        self.fused = fused
         torch.manual_seed(0)
         self.video, self.audio = nn.Linear(4, 4), nn.Linear(4, 4)
         self.nan_steps, self.signal_step, self.signum = set(nan_steps), signal_step, signum
@@ -47,7 +48,7 @@ class TwoBranch(L.LightningModule):
         return losses["loss_video"] + losses["loss_audio"]
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.1)
+        return torch.optim.AdamW(self.parameters(), lr=0.1, fused=self.fused)
 
     @staticmethod
     def data():
@@ -89,11 +90,17 @@ def _same(a, b) -> bool:
     return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
-def test_nonfinite_step_is_skipped_exactly(tmp_path, caplog):
+# fused AdamW skips on the guard's device flag (no host sync), read at the logger's steps; the default one is skipped
+# by dropping its gradients after a host read at every step
+PATHS = pytest.mark.parametrize("fused", [False, True], ids=["host", "device"])
+
+
+@PATHS
+def test_nonfinite_step_is_skipped_exactly(tmp_path, caplog, fused):
     snaps, guard = Snapshots(), NonFiniteGuard(max_consecutive=3)
-    model = TwoBranch(nan_steps={2})
+    model = TwoBranch(nan_steps={2}, fused=fused)
     trainer = L.Trainer(max_steps=4, callbacks=[guard, snaps], default_root_dir=tmp_path, enable_checkpointing=False,
-                        **QUIET)
+                        log_every_n_steps=1, **QUIET)
     with caplog.at_level(logging.WARNING, logger="sora.training.guards"):
         trainer.fit(model, TwoBranch.data())
     s = snaps.after
@@ -106,23 +113,42 @@ def test_nonfinite_step_is_skipped_exactly(tmp_path, caplog):
     assert "step 2: non-finite train/loss_audio; first non-finite gradient: audio.weight; step skipped" in caplog.text
 
 
-def test_nonfinite_steps_in_a_row_stop_with_the_last_good_weights(tmp_path):
+def test_fused_nonfinite_steps_are_reported_at_the_logging_steps(tmp_path, caplog):
+    snaps, guard = Snapshots(), NonFiniteGuard(max_consecutive=3)
+    trainer = L.Trainer(max_steps=7, callbacks=[guard, snaps], default_root_dir=tmp_path, enable_checkpointing=False,
+                        log_every_n_steps=4, **QUIET)
+    with caplog.at_level(logging.WARNING, logger="sora.training.guards"):
+        trainer.fit(TwoBranch(nan_steps={1, 2, 5}, fused=True), TwoBranch.data())
+    s = snaps.after
+    assert _same(s[2], s[0]) and _same(s[5], s[4]) and not _same(s[3][0], s[2][0])  # skipped on the device flag
+    lines = [r.getMessage() for r in caplog.records if r.name == "sora.training.guards"]
+    assert lines[0].startswith("sora-train: steps 0-3: 2 non-finite steps skipped (2 in all); the last, step 2: "
+                               "non-finite train/loss_audio; first non-finite gradient: audio.weight"), lines
+    assert lines[1].startswith("sora-train: steps 4-6: 1 non-finite step skipped (3 in all); the last, step 5"), lines
+    assert len(lines) == 2 and guard.skipped == 3 and guard.in_a_row == 0
+
+
+@PATHS
+def test_nonfinite_steps_in_a_row_stop_with_the_last_good_weights(tmp_path, fused):
     snaps = Snapshots()
-    model = TwoBranch(nan_steps={1, 3, 4, 5})  # a good step 2 resets the count: the third in a row is step 5
+    model = TwoBranch(nan_steps={1, 3, 4, 5}, fused=fused)  # a good step 2 resets the count: the third in a row is step 5
+    every = 4 if fused else 50  # the device path reads its counters at the logger's steps: 4, 8, ...
     trainer = L.Trainer(max_steps=20, callbacks=[NonFiniteGuard(max_consecutive=3), snaps], default_root_dir=tmp_path,
-                        enable_checkpointing=False, **QUIET)
+                        enable_checkpointing=False, log_every_n_steps=every, **QUIET)
     with pytest.raises(NonFiniteStop) as e:
         trainer.fit(model, TwoBranch.data())
-    path = tmp_path / "checkpoints" / "nonfinite-step=6.ckpt"
+    stop = 8 if fused else 6  # the device path goes on to the next logging step, with steps 6 and 7 good
+    path = tmp_path / "checkpoints" / f"nonfinite-step={stop}.ckpt"
     message = str(e.value)
     assert isinstance(e.value, SystemExit) and message.startswith("sora-train: error in training: step 5: ")
     for part in ("non-finite train/loss_audio", "first non-finite gradient: audio.weight", "3 steps in a row",
                  "4 skipped in all", str(path), "model.lr"):
         assert part in message, part
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 6
-    assert _same(ckpt["state_dict"], snaps.after[2][0])  # the weights of the last good step
-    assert ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 4, "in_a_row": 3}
+    assert ckpt["global_step"] == stop
+    assert _same(ckpt["state_dict"], snaps.after[stop - 1 if fused else 2][0])  # good weights (fused: steps 6, 7's)
+    assert _same(snaps.after[5][0], snaps.after[2][0])  # steps 3-5 were skipped either way
+    assert ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 4, "in_a_row": 0 if fused else 3}
 
 
 def test_slurm_requeue_signal_saves_then_requeues_and_resumes_exactly(tmp_path, monkeypatch):

@@ -31,7 +31,6 @@ other callbacks' updates of that batch, as a periodic checkpoint does.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -155,10 +154,16 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, max_consecutive: int = 3):
         self.max_consecutive = int(max_consecutive or 0)
-        self.skipped, self.in_a_row = 0, 0
+        self.skipped, self.in_a_row = 0, 0     # as of the last check (the host's view)
         self._loss_bad: torch.Tensor | None = None
-        self._step: tuple[bool, str] | None = None  # (bad, what) of the optimizer step of this batch
+        self._bad: torch.Tensor | bool | None = None  # this optimizer step's verdict (a device flag, or read)
+        self._host = True                       # the verdict is read on the host at every step
         self._ds_skipped: int | None = None
+        self._names: dict[int, str] = {}
+        self._grad_names: list[str] = []        # the parameters of the gradients checked, in their order
+        self._terms: list[str] = []             # the loss terms checked (train/*), in their order
+        self._dev: dict[str, torch.Tensor] | None = None  # counters and the last bad step's evidence, on the device
+        self._checked_step = 0
 
     @staticmethod
     def _deepspeed(trainer) -> bool:
@@ -168,6 +173,7 @@ class NonFiniteGuard(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         run_last(trainer, self)
+        self._names = {id(p): n for n, p in pl_module.named_parameters()}
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         bad = ~torch.isfinite(loss.detach()).all()  # on the device: no sync per micro-batch
@@ -175,76 +181,144 @@ class NonFiniteGuard(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._ds_skipped = getattr(trainer.model, "skipped_steps", None) if self._deepspeed(trainer) else None
+        device = trainer.strategy.root_device
+        f = dict(dtype=torch.float32, device=device)
+        self._dev = {"skipped": torch.tensor(float(self.skipped), **f), "in_a_row": torch.tensor(float(self.in_a_row), **f),
+                     "hit": torch.tensor(-1.0, **f), "last": torch.tensor(-1.0, **f), "param": torch.tensor(-1.0, **f),
+                     "terms": torch.zeros(0, dtype=torch.bool, device=device)}
+        self._checked_step = trainer.global_step
+
+    @staticmethod
+    def _device_skip(trainer, optimizer) -> bool:
+        """The optimizer skips a step on its own device flag (torch's fused AdamW/Adam/SGD read ``found_inf``, as
+        under a GradScaler): no host sync. Not with a GradScaler (it sets the flag itself) nor DeepSpeed."""
+        opt = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
+        return bool(getattr(opt, "defaults", {}).get("fused")) and getattr(opt, "_step_supports_amp_scaling", False) \
+            and getattr(trainer.precision_plugin, "scaler", None) is None and not NonFiniteGuard._deepspeed(trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
-        flags = [] if self._loss_bad is None else [self._loss_bad.reshape(1)]
+        with_grad = [p for p in params if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in with_grad)]
+        device = trainer.strategy.root_device
+        flags = [] if self._loss_bad is None else [self._loss_bad.reshape(1).to(device)]
+        self._loss_bad = None
+        nonfinite = None
         if grads and getattr(trainer.precision_plugin, "scaler", None) is None:
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # NaN/Inf when a gradient holds one
-            flags.append((~torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]))).any().reshape(1))
-        self._loss_bad = None
-        device = trainer.strategy.root_device
-        local = torch.cat([f.to(device) for f in flags]).any() if flags else torch.zeros((), dtype=torch.bool,
-                                                                                          device=device)
-        bad = bool(trainer.strategy.reduce(local.float(), reduce_op="sum") > 0)
-        self._step = (bad, self.describe(trainer, pl_module) if bad else "")
-        if bad and not self._deepspeed(trainer):
-            for p in params:  # torch optimizers skip parameters without a gradient: weights and state untouched
-                p.grad = None
+            nonfinite = ~torch.isfinite(torch.stack([n.to(device) for n in norms]))
+            flags.append(nonfinite.any().reshape(1))
+        local = torch.cat(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
+        bad = trainer.strategy.reduce(local.float(), reduce_op="sum") > 0  # every rank skips together
+        self._evidence(trainer, bad, with_grad, nonfinite)
+        self._host = not self._device_skip(trainer, optimizer)
+        if self._host:
+            self._bad = bool(bad)  # a host sync: this optimizer cannot skip on a device flag
+            if self._bad and not self._deepspeed(trainer):
+                for p in params:  # torch optimizers skip parameters without a gradient: weights and state untouched
+                    p.grad = None
+        else:
+            self._bad = bad
+            getattr(optimizer, "optimizer", optimizer).found_inf = bad.float()  # the fused kernel skips every update
 
-    @staticmethod
-    def describe(trainer, pl_module) -> str:
-        """Which logged loss terms (``train/*``) and which parameter's gradient are non-finite: the first
-        rank's view that names a loss term (under DDP only the rank with a bad batch sees its loss terms)."""
-        terms = [k for k, v in trainer.callback_metrics.items() if k.startswith("train/")
-                 and getattr(v, "numel", lambda: 0)() == 1 and not math.isfinite(float(v))]
+    def _evidence(self, trainer, bad, with_grad, nonfinite) -> None:
+        """Keeps, on the device, which loss terms (``train/*``) and which parameter's gradient (first in order) were
+        non-finite at the last bad step, for the message at the next check."""
+        dev = self._dev
+        if nonfinite is not None:
+            names = [self._names.get(id(p), "?") for p in with_grad]
+            if names != self._grad_names:
+                self._grad_names, dev["param"] = names, torch.full_like(dev["param"], -1.0)
+            first = torch.where(nonfinite.any(), torch.argmax(nonfinite.int()).float(), -1.0)
+            dev["param"] = torch.where(bad, first, dev["param"])
+        terms = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/") and isinstance(
+            v, torch.Tensor) and v.numel() == 1 and k != "train/nonfinite_steps"}
+        if list(terms) != self._terms:
+            self._terms, dev["terms"] = list(terms), torch.zeros(len(terms), dtype=torch.bool, device=dev["last"].device)
+        if terms:
+            now = ~torch.isfinite(torch.stack([v.detach().float().reshape(()).to(dev["last"].device)
+                                               for v in terms.values()]))
+            dev["terms"] = torch.where(bad, now, dev["terms"])
+
+    def describe(self, trainer) -> str:
+        """Which logged loss terms (``train/*``) and which parameter's gradient were non-finite at the last bad step:
+        the first rank's view that names a loss term (under DDP only the rank with a bad batch sees its terms)."""
+        dev = self._dev
+        flags = dev["terms"].tolist()
+        terms = [k for k, bad in zip(self._terms, flags) if bad]
         specific = [k for k in terms if k != "train/loss"]
         what = f"non-finite {', '.join(sorted(specific or terms))}" if terms else "non-finite gradients"
-        for name, p in pl_module.named_parameters():
-            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            if g is not None and not bool(torch.isfinite(g).all()):
-                what = f"{what}; first non-finite gradient: {name}"
-                break
+        param = int(dev["param"])
+        if 0 <= param < len(self._grad_names):
+            what = f"{what}; first non-finite gradient: {self._grad_names[param]}"
         dist = torch.distributed
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():  # a bad step: every rank is here
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():  # every rank checks here
             views = [None] * dist.get_world_size()
             dist.all_gather_object(views, what)
             what = next((v for v in views if v.startswith("non-finite train/")), views[0])
         return what
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._step is None:  # accumulating: no optimizer step in this batch
+        if self._bad is None:  # accumulating: no optimizer step in this batch
             return
-        (bad, what), self._step = self._step, None
+        bad, self._bad = self._bad, None
         step = trainer.global_step - 1  # the step just taken (as the loggers number it)
+        dev, note = self._dev, ""
         engine = trainer.model
         skipped = getattr(engine, "skipped_steps", None) if self._deepspeed(trainer) else None
         if skipped is not None and self._ds_skipped is not None and not engine.fp16_enabled():  # not fp16 scaling
             if skipped > self._ds_skipped and not bad:  # the engine's own overflow check skipped the update
-                bad, what = True, "non-finite gradients"
+                bad = True
             elif bad and skipped == self._ds_skipped:
-                what += " (DeepSpeed did not skip the update: the weights may be non-finite)"
+                note = " (DeepSpeed did not skip the update: the weights may be non-finite)"
             self._ds_skipped = skipped
-        if bad:
-            self.skipped += 1
-            self.in_a_row += 1
-            if trainer.is_global_zero:
-                log.warning("sora-train: step %d: %s; step skipped (%d in a row, %d in all)", step, what,
-                            self.in_a_row, self.skipped)
-        else:
-            self.in_a_row = 0
-        pl_module.log("train/nonfinite_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
-        if bad and self.max_consecutive and self.in_a_row >= self.max_consecutive:
+        flag = torch.as_tensor(bad, dtype=torch.float32, device=dev["last"].device)
+        dev["skipped"] = dev["skipped"] + flag
+        dev["in_a_row"] = (dev["in_a_row"] + 1) * flag
+        dev["last"] = torch.where(flag > 0, float(step), dev["last"])
+        if self.max_consecutive:
+            reached = (dev["in_a_row"] >= self.max_consecutive) & (dev["hit"] < 0)
+            dev["hit"] = torch.where(reached, float(step), dev["hit"])
+        pl_module.log("train/nonfinite_steps", dev["skipped"], on_step=True, on_epoch=False, batch_size=1)
+        every = max(1, trainer.log_every_n_steps or 1)
+        if self._host or trainer.global_step % every == 0:  # the device path: read at the logger's steps only
+            self.check(trainer, note)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._dev is not None:  # steps skipped since the last logging step: reported before the run ends
+            self.check(trainer)
+
+    def check(self, trainer, note: str = "") -> None:
+        """Reads the counters (a host sync): warns about the steps skipped since the last check, and stops the run
+        when ``max_consecutive`` bad steps came in a row."""
+        dev = self._dev
+        skipped, in_a_row, hit, last = (int(v) for v in torch.stack(
+            [dev["skipped"], dev["in_a_row"], dev["hit"], dev["last"]]).tolist())
+        new, since = skipped - self.skipped, self._checked_step
+        self.skipped, self.in_a_row, self._checked_step = skipped, in_a_row, trainer.global_step
+        if not new and hit < 0:
+            return
+        what = self.describe(trainer) + note
+        if new and trainer.is_global_zero:
+            if new == 1 and last == trainer.global_step - 1:  # the step just taken (read at every step)
+                log.warning("sora-train: step %d: %s; step skipped (%d in a row, %d in all)", last, what, in_a_row,
+                            skipped)
+            else:
+                log.warning("sora-train: steps %d-%d: %d non-finite step%s skipped (%d in all); the last, step %d: %s",
+                            since, trainer.global_step - 1, new, "s" if new > 1 else "", skipped, last, what)
+        if hit >= 0:
+            run = max(in_a_row, self.max_consecutive)
             path = checkpoint_dir(trainer) / f"nonfinite-step={trainer.global_step}.ckpt"
             trainer.save_checkpoint(path)
-            message = (f"sora-train: error in training: step {step}: {what} ({self.in_a_row} steps in a row, "
-                       f"{self.skipped} skipped in all); the last good weights are in {path}; lower model.lr, train in "
+            message = (f"sora-train: error in training: step {hit}: {what} ({run} steps in a row, "
+                       f"{skipped} skipped in all); the last good weights are in {path}; lower model.lr, train in "
                        f"trainer.precision=bf16-mixed rather than 16-mixed, or clip gradients "
                        f"(trainer.gradient_clip_val), then resume with ckpt_path={path}")
             raise NonFiniteStop(message if trainer.is_global_zero else 1)  # one line on stderr, from rank 0
 
     def state_dict(self) -> dict:
+        if self._dev is not None:
+            return {"skipped": int(self._dev["skipped"]), "in_a_row": int(self._dev["in_a_row"])}
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state: dict) -> None:

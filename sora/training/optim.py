@@ -30,13 +30,22 @@ def lr_factor(step: int, warmup_steps: int = 0, total_steps: int | None = None, 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def fusable(p: torch.Tensor) -> bool:
+    """Whether torch's fused AdamW kernel takes this parameter (its device type and a floating dtype)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return p.device.type in _get_fused_kernels_supported_devices() and torch.is_floating_point(p)
+
+
 def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
                         betas=(0.9, 0.99), warmup_steps: int = 0, total_steps: int | None = None,
-                        schedule: str = "cosine", min_lr_ratio: float = 0.0) -> dict:
+                        schedule: str = "cosine", min_lr_ratio: float = 0.0, fused: bool | None = None) -> dict:
     """The ``configure_optimizers`` return value: AdamW and its per-step ``LambdaLR``.
 
     ``params``: parameters, or groups ``{"params": [...], "lr": ...}`` (without ``lr``: ``lr``).
-    Parameters of one dimension (norm gains, biases) get no weight decay.
+    Parameters of one dimension (norm gains, biases) get no weight decay. ``fused`` (None: wherever torch has
+    the kernel for the parameters' device and dtype): one kernel for every update, which also skips a step
+    on a device flag (``found_inf``) without a host sync (:class:`sora.training.guards.NonFiniteGuard`).
     """
     params = list(params)
     given = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -48,7 +57,9 @@ def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("no trainable parameters")
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    if fused is None:
+        fused = all(fusable(p) for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused))
     fn = partial(lr_factor, warmup_steps=int(warmup_steps), total_steps=total_steps, schedule=schedule,
                  min_lr_ratio=float(min_lr_ratio))
     fn(0)  # a bad schedule name fails here, not at the first step
