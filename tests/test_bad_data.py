@@ -242,6 +242,30 @@ def test_data_health_resumes_its_count_and_counts_a_sequence_parallel_group_once
     assert module.logged["data/skipped"] == 1
 
 
+def test_data_health_reduces_only_at_the_logging_steps_and_when_saved():
+    reductions = []
+
+    class Strategy:
+        def reduce(self, t, reduce_op):
+            reductions.append(t.tolist())
+            return t
+
+    trainer = type("T", (), {"strategy": Strategy(), "log_every_n_steps": 3, "global_step": 0})()
+    module, health = _Module(), DataHealth()
+    for step, batch in ((1, _Batch(decode=1)), (2, _Batch(decode=1))):
+        trainer.global_step = step
+        health.on_train_batch_end(trainer, module, None, batch, 0)
+    assert reductions == [] and module.logged == {}  # steps between the logger's: counted on the host only
+    trainer.global_step = 3
+    health.on_train_batch_end(trainer, module, None, _Batch(shard=1), 0)
+    assert len(reductions) == 1 and module.logged["data/skipped"] == 3
+    trainer.global_step = 4
+    health.on_train_batch_end(trainer, module, None, _Batch(decode=1), 0)
+    assert len(reductions) == 1 and module.logged["data/skipped"] == 3
+    assert health.state_dict() == {"skipped": {"decode": 3, "shard": 1}} and len(reductions) == 2  # a save: up to date
+    assert health.state_dict() == {"skipped": {"decode": 3, "shard": 1}} and len(reductions) == 2  # once a step
+
+
 RANK_SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist

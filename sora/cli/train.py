@@ -139,9 +139,9 @@ def train(cfg: DictConfig) -> dict:
     callbacks = named(cfg.get("callbacks"), "callbacks")
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
     if cfg.trainer.get("enable_progress_bar", True):
-        from lightning.pytorch.callbacks import RichProgressBar
+        from sora.training.callbacks import ProgressBar
 
-        callbacks.append(RichProgressBar())
+        callbacks.append(ProgressBar())
     loggers = named(cfg.get("logger"), "logger")
     submitit_local_ranks()
     strategy = {"strategy": build(cfg.strategy, "strategy")} if "_target_" in (cfg.get("strategy") or {}) else {}

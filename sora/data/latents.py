@@ -175,6 +175,7 @@ class LatentBatch(ClipBatch):
     text: torch.Tensor | None = None        # float [B, Lt, D], zero-padded (None: text not cached)
     text_mask: torch.Tensor | None = None   # bool [B, Lt]
     text_empty: torch.Tensor | None = None  # float [Le, D]: the embedding of "" (caption dropout)
+    text_lengths: list[int] | None = None   # each sample's real tokens (the mask's sums, known on the host)
     hashes: dict[str, str] = field(default_factory=dict)  # the cache's encoder_hashes
     cache: str = ""                         # the cache's folder (for messages)
 
@@ -183,14 +184,19 @@ class LatentBatch(ClipBatch):
         with zeros to the longest: what the text encoder gives for the captions with "" swapped in."""
         if self.text is None:
             raise ValueError(f"the latent cache {self.cache} holds no text embeddings (its text encoder trained)")
-        rows = [self.text_empty if drop is not None and bool(drop[i]) else self.text[i, : int(self.text_mask[i].sum())]
-                for i in range(len(self))]
+        lengths = self.lengths()
+        dropped = [False] * len(self) if drop is None else drop.tolist()  # a host tensor (drop_text)
+        rows = [self.text_empty if dropped[i] else self.text[i, : lengths[i]] for i in range(len(self))]
         length = max(r.shape[0] for r in rows)
         text = self.text.new_zeros(len(rows), length, self.text.shape[-1])
         mask = torch.zeros(len(rows), length, dtype=torch.bool, device=self.text.device)
         for i, r in enumerate(rows):
             text[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
         return text, mask
+
+    def lengths(self) -> list[int]:
+        """Real text tokens per sample: from the host (``text_lengths``), else read from the mask (a device sync)."""
+        return list(self.text_lengths) if self.text_lengths is not None else self.text_mask.sum(1).tolist()
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -288,14 +294,15 @@ class LatentClipStream(ShardClipStream):
         dtypes = self.manifest.get("latent_dtype") or {}  # e.g. bfloat16 under bf16-mixed: as the raw run's
         latents = {m: torch.from_numpy(np.stack([a[m] for a in arrays])).to(getattr(torch, dtypes.get(m, "float32")))
                    for m in ("video", "audio")}
-        text = mask = None
+        text = mask = lengths = None
         if self.text_empty is not None and all("text" in a for a in arrays):
             length = max(a["text"].shape[0] for a in arrays)
             text = torch.zeros(len(arrays), length, self.text_empty.shape[-1])
             mask = torch.zeros(len(arrays), length, dtype=torch.bool)
             for i, a in enumerate(arrays):
                 text[i, : len(a["text"])], mask[i, : len(a["text"])] = torch.from_numpy(a["text"]), True
+            lengths = [len(a["text"]) for a in arrays]
         fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(ClipBatch)}
-        return LatentBatch(**fields, latents=latents, text=text, text_mask=mask,
+        return LatentBatch(**fields, latents=latents, text=text, text_mask=mask, text_lengths=lengths,
                            text_empty=None if text is None else self.text_empty, hashes=dict(self.manifest["hashes"]),
                            cache=self.cache)

@@ -120,10 +120,10 @@ def sample_task(
     unknown = set(probs) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
-    p = torch.tensor([float(probs.get(name, 0.0)) for name in TASKS])
-    if (p < 0).any() or p.sum() <= 0:
+    p = [float(probs.get(name, 0.0)) for name in TASKS]
+    if min(p) < 0 or sum(p) <= 0:
         raise ValueError(f"task probabilities must be >= 0 with a positive sum, got {dict(probs)}")
-    return torch.multinomial(p / p.sum(), batch_size, replacement=True, generator=generator)
+    return torch.multinomial(torch.tensor(p) / sum(p), batch_size, replacement=True, generator=generator)
 
 
 def task_ids(names: Sequence[str]) -> torch.Tensor:
@@ -139,13 +139,15 @@ class TaskTimesteps:
     whole modality is a clean condition); ``clean_video`` ``[B, T']`` and ``clean_audio``
     ``[B, L]`` are True at tokens given clean (whole modality for v2a/a2v, a prefix for
     continuation). Use the ``*_token_t`` properties as per-token timesteps for the model and
-    ``~clean_*`` as the loss weight mask.
+    ``~clean_*`` as the loss weight mask. ``partly``: whether some sample has a stream partly clean (known
+    on the host when the masks were made there; None: read from the masks when needed).
     """
 
     t_video: torch.Tensor
     t_audio: torch.Tensor
     clean_video: torch.Tensor
     clean_audio: torch.Tensor
+    partly: bool | None = None
 
     @property
     def video_token_t(self) -> torch.Tensor:
@@ -220,10 +222,11 @@ def timesteps_for_tasks(
 
     clean_v |= is_["v2a"][:, None]
     clean_a |= is_["a2v"][:, None]
-    clean_v, clean_a = clean_v.to(device), clean_a.to(device)
+    partly = any(bool((c.any(1) & ~c.all(1)).any()) for c in (clean_v, clean_a))  # host tensors: no device sync
+    clean_v, clean_a = clean_v.to(device, non_blocking=True), clean_a.to(device, non_blocking=True)
     t_video = torch.where(clean_v.all(1), torch.zeros_like(t_video), t_video)
     t_audio = torch.where(clean_a.all(1), torch.zeros_like(t_audio), t_audio)
-    return TaskTimesteps(t_video, t_audio, clean_v, clean_a)
+    return TaskTimesteps(t_video, t_audio, clean_v, clean_a, partly)
 
 
 def drop_text(
@@ -279,4 +282,4 @@ def flow_loss(
     w = _expand_mask(weight_mask.float(), se)
     per_token = se[0, :, 0].numel()  # elements per (sample, time step)
     denom = weight_mask.float().sum() * per_token
-    return (se * w).sum() / denom if denom > 0 else (se * w).sum() * 0.0
+    return (se * w).sum() / torch.where(denom > 0, denom, 1.0)  # no token counted: a zero that backpropagates

@@ -355,28 +355,28 @@ class AVDiT(nn.Module):
         pooled global caption. -> video [B, T', D], audio [B, L, D], text [B, Lt, D]."""
         tid = shots["text"]  # [B, Lt], -1: the global caption
         keep = torch.ones_like(tid, dtype=torch.bool) if text_mask is None else text_mask
-        n = int(max(int(shots["video_steps"].max()), int(shots["audio_steps"].max()), int(tid.max()))) + 1
-        ids = torch.arange(n, device=tid.device)
+        glob = tid == -1
 
-        def pool(member):  # [B, S, Lt] bool -> [B, S, D]
+        def pool(member):  # [B, N, Lt] bool: the tokens each of N rows sees -> [B, N, D]
             w = (member & keep[:, None, :]).to(text.dtype)
-            return self.text_pool(torch.einsum("bsl,bld->bsd", w, text) / w.sum(-1, keepdim=True).clamp(min=1.0))
+            return self.text_pool(torch.einsum("bnl,bld->bnd", w, text) / w.sum(-1, keepdim=True).clamp(min=1.0))
 
-        pooled = pool((tid[:, None, :] == ids[None, :, None]) | (tid[:, None, :] == -1))  # [B, S, D]
-        pooled_global = pool((tid == -1)[:, None, :])[:, 0]  # [B, D]
+        def of_shot(shot):  # [B, N] shot ids -> [B, N, Lt]: that shot's tokens and the global caption's
+            return (tid[:, None, :] == shot[:, :, None]) | glob[:, None, :]
+
         e, c = {}, {}
         for m, emb, t in (("video", self.t_embed_video, t_video), ("audio", self.t_embed_audio, t_audio)):
             steps = shots[f"{m}_steps"]  # [B, T]
             t = t[:, None].expand_as(steps) if t.dim() == 1 else t
             e[m] = emb(t.reshape(-1)).reshape(*t.shape, -1)
-            c[m] = e[m] + torch.gather(pooled, 1, steps[..., None].expand(-1, -1, pooled.shape[-1]))
-        by_shot = 0
+            c[m] = e[m] + pool(of_shot(steps))
+        by_shot = 0  # per text token: the mean embedding of its shot's steps (no enumeration of the shots: no host read)
         for m in ("video", "audio"):
-            w = (shots[f"{m}_steps"][:, None, :] == ids[None, :, None]).to(e[m].dtype)  # [B, S, T]
-            by_shot = by_shot + 0.5 * torch.einsum("bst,btd->bsd", w, e[m]) / w.sum(-1, keepdim=True).clamp(min=1.0)
-        text_c = torch.gather(by_shot + pooled, 1, tid.clamp(min=0)[..., None].expand(-1, -1, pooled.shape[-1]))
-        glob = 0.5 * (e["video"].mean(1) + e["audio"].mean(1)) + pooled_global
-        c["text"] = torch.where((tid == -1)[..., None], glob[:, None], text_c)
+            w = (tid[:, :, None] == shots[f"{m}_steps"][:, None, :]).to(e[m].dtype)  # [B, Lt, T]
+            by_shot = by_shot + 0.5 * torch.einsum("blt,btd->bld", w, e[m]) / w.sum(-1, keepdim=True).clamp(min=1.0)
+        text_c = by_shot + pool(of_shot(tid))
+        glob_c = 0.5 * (e["video"].mean(1) + e["audio"].mean(1)) + pool(glob[:, None, :])[:, 0]
+        c["text"] = torch.where(glob[..., None], glob_c[:, None], text_c)
         return c
 
     def _rotary(self, pos_v, pos_a):

@@ -95,12 +95,16 @@ class ByteTextEncoder(nn.Module):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         return ids, ids != self.pad
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Each caption's real tokens (the mask's row sums), counted on the host."""
+        return [min(len(self.token_ids(t)), self.max_len - 2) + 2 for t in texts]
+
     def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
             raise TypeError("pass a list of strings, not a string")
         ids, mask = self.tokenize(texts)
         device = self.pos.device
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         x = self.embed(ids) + self.pos[: ids.shape[1]]
         for block in self.blocks:
             x = block(x, mask)
@@ -183,6 +187,10 @@ class HFTextEncoder(nn.Module):
         self.model.eval()  # frozen: never dropout
         return self
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Each caption's real tokens (the mask's row sums), counted on the host."""
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_len)["input_ids"]]
+
     @torch.no_grad()
     def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
@@ -191,7 +199,7 @@ class HFTextEncoder(nn.Module):
             list(texts), padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt"
         )
         device = next(self.model.parameters()).device
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        ids, mask = batch["input_ids"].to(device, non_blocking=True), batch["attention_mask"].to(device, non_blocking=True)
         out = self.model(input_ids=ids, attention_mask=mask)
         return out.last_hidden_state.float(), mask.bool()
 
@@ -219,3 +227,10 @@ class MiniLMTextEncoder(HFTextEncoder):
     def __init__(self, max_len: int = 128, dtype: torch.dtype = torch.float32, device=None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         super().__init__(minilm_path(), max_len=max_len, dtype=dtype, device=device)
+
+
+def token_counts(encoder: nn.Module, texts: Sequence[str], mask: torch.Tensor) -> list[int]:
+    """Real tokens per caption (``mask``'s row sums): counted on the host by the encoder's own tokenizer where it
+    has ``token_counts`` (no device sync), else read from the mask."""
+    count = getattr(encoder, "token_counts", None)
+    return count(texts) if count is not None else mask.sum(1).tolist()

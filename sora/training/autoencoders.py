@@ -70,7 +70,8 @@ class _Stage(L.LightningModule):
         """Every term as ``<prefix>/<term>``; ``loss`` also on the progress bar."""
         self.log_dict({f"{prefix}/{k}": v.detach().float() for k, v in terms.items() if k != "loss"},
                       batch_size=batch_size)
-        self.log(f"{prefix}/loss", terms["loss"].detach().float(), batch_size=batch_size, prog_bar=True)
+        self.log(f"{prefix}/loss", terms["loss"].detach().float(), batch_size=batch_size,
+                 prog_bar=prefix != "train")  # training: callbacks.ProgressBar shows it without a sync per step
 
 
 class VideoVAEModule(_Stage):

@@ -1,4 +1,5 @@
-"""Training callbacks: EMA weights, RNG state, throughput, samples, the run's config in each checkpoint."""
+"""Training callbacks: EMA weights, RNG state, throughput, samples, the run's config in each checkpoint, the progress
+bar."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections import deque
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 
 class EMA(Callback):
@@ -353,3 +354,25 @@ class ConfigInCheckpoint(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["sora_config"] = self.config
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, showing ``keys`` (``train/loss``) as of the logger's last step.
+
+    Lightning turns every metric logged with ``prog_bar=True`` into a Python number at every training step, a
+    host sync per step on a GPU; so the modules log their training loss without it, and this bar reads
+    ``keys`` only at the steps where the logger writes (which read every logged value anyway).
+    """
+
+    def __init__(self, keys: tuple[str, ...] = ("train/loss",), **kwargs):
+        super().__init__(**kwargs)
+        self.keys, self._shown, self._read_at = tuple(keys), {}, None
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        step = trainer.global_step
+        if trainer.training and step != self._read_at and step % max(1, trainer.log_every_n_steps or 1) == 0:
+            metrics = trainer.callback_metrics
+            self._shown = {k: float(metrics[k]) for k in self.keys if k in metrics}
+            self._read_at = step
+        return {**items, **self._shown}

@@ -39,6 +39,7 @@ from sora.diffusion.flow import (TaskTimesteps, drop_captions, drop_text, flow_l
                                  logit_normal_timesteps, sample_task, shift_timesteps, timesteps_for_tasks)
 from sora.models.audio_vae import AudioVAE, Vocoder
 from sora.models.dit import AVDiT
+from sora.models.text import token_counts
 from sora.models.video_vae import VideoVAE
 from sora.script import Script, Shot
 from sora.timeline import Timeline
@@ -94,6 +95,7 @@ class DiTModule(L.LightningModule):
             shift, scale = (latent_shift or {}).get(m), (latent_scale or {}).get(m)
             stats = torch.tensor([math.nan if shift is None else shift, math.nan if scale is None else scale])
             self.register_buffer(f"{m}_latent_stats", stats)
+        self._stats_known: set[str] = set()  # modalities whose stats were read as measured (not NaN)
         self.optim = dict(lr=float(lr), weight_decay=float(weight_decay), betas=tuple(float(b) for b in betas),
                           warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
                           min_lr_ratio=min_lr_ratio)
@@ -109,6 +111,9 @@ class DiTModule(L.LightningModule):
         if sequence_parallel_size(self.dit) != self.sequence_parallel:
             raise RuntimeError(f"model.sequence_parallel={self.sequence_parallel}: the trainer's strategy did not "
                                "apply it (sora.training.sequence_parallel.apply_sequence_parallel); set it to 1")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._stats_known = set()  # the loaded latent stats are read again at the next batch
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -155,38 +160,43 @@ class DiTModule(L.LightningModule):
         metas = list(batch.meta) if batch.meta else [{}] * len(batch)
         if not any("shots" in m for m in metas):
             return None
-        dropped = [drop is not None and bool(drop[i]) for i in range(len(metas))]
+        dropped = [False] * len(metas) if drop is None else drop.tolist()  # a host tensor (drop_text)
+        seqs, masks, ids = [], [], []  # per sample: tokens [n, D], which are real [n], shot ids [n]
         if self.cached_text(batch):
-            seqs, ids = [], []
+            lengths = batch.lengths()
             for i, m in enumerate(metas):
                 if dropped[i]:
                     q, k = batch.text_empty.to(batch.text.device), torch.full((len(batch.text_empty),), -1)
                 else:
-                    q = batch.text[i, : int(batch.text_mask[i].sum())]
+                    q = batch.text[i, : lengths[i]]
                     k = torch.full((len(q),), -1) if "shots" not in m else torch.cat(
                         [torch.full((int(s["text_tokens"]),), n) for n, s in enumerate(m["shots"])])
                     if len(k) != len(q):
                         raise ValueError(f"the latent cache {batch.cache}: {batch.keys[i]} has {len(q)} text "
                                          f"tokens, its shots' text_tokens add up to {len(k)}")
                 seqs.append(q)
+                masks.append(torch.ones(len(q), dtype=torch.bool, device=q.device))
                 ids.append(k.long())
             tokens = batch.text
         else:
             entries = [[("", -1)] if dropped[i] else [(s["caption"], k) for k, s in enumerate(m["shots"])]
                        if "shots" in m else [(batch.captions[i], -1)] for i, m in enumerate(metas)]
-            tokens, mask = self.text_encoder([c for e in entries for c, _ in e])
-            seqs, ids, j = [], [], 0
-            for e in entries:
-                parts = [(tokens[j + n][mask[j + n].bool()], k) for n, (_, k) in enumerate(e)]
+            captions = [c for e in entries for c, _ in e]
+            tokens, mask = self.text_encoder(captions)
+            lengths = token_counts(self.text_encoder, captions, mask)
+            j = 0
+            for e in entries:  # a sample's captions' real tokens one after the other
+                parts = [(tokens[j + n][: lengths[j + n]], k) for n, (_, k) in enumerate(e)]
                 seqs.append(torch.cat([t for t, _ in parts]))
+                masks.append(torch.ones(len(seqs[-1]), dtype=torch.bool, device=tokens.device))
                 ids.append(torch.cat([torch.full((len(t),), k, dtype=torch.long) for t, k in parts]))
                 j += len(e)
         length = max(1, max(len(q) for q in seqs))
         text = tokens.new_zeros(len(seqs), length, tokens.shape[-1])
         text_mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=tokens.device)
         tid = torch.full((len(seqs), length), -1, dtype=torch.long, device=tokens.device)
-        for i, (q, k) in enumerate(zip(seqs, ids)):
-            text[i, :len(q)], text_mask[i, :len(q)], tid[i, :len(q)] = q, True, k.to(tokens.device)
+        for i, (q, r, k) in enumerate(zip(seqs, masks, ids)):
+            text[i, :len(q)], text_mask[i, :len(q)], tid[i, :len(q)] = q, r, k.to(tokens.device, non_blocking=True)
         steps = {"video": [], "audio": []}
         for m in metas:
             script = Script(tuple(Shot(float(s["start"]), float(s["end"]), s["caption"]) for s in m["shots"])) \
@@ -195,19 +205,20 @@ class DiTModule(L.LightningModule):
                 n = self.timeline.video_latent_steps if stream == "video" else self.timeline.audio_latent_steps
                 steps[stream].append(torch.zeros(n, dtype=torch.long) if script is None else
                                      torch.from_numpy(getattr(script, fn)(self.timeline)))
-        shots = {"text": tid, **{m: torch.stack(v).to(tokens.device) for m, v in steps.items()}}
+        shots = {"text": tid, **{m: torch.stack(v).to(tokens.device, non_blocking=True) for m, v in steps.items()}}
         return text, text_mask, shots
 
     def normalize(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for m, x in z.items():
             stats = getattr(self, f"{m}_latent_stats")
-            if torch.isnan(stats).any():  # first batch: measure (averaged over ranks)
+            if m not in self._stats_known and torch.isnan(stats).any():  # first batch: measure (averaged over ranks)
                 measured = torch.stack([x.float().mean(), x.float().std().clamp(min=1e-6).reciprocal()])
                 if self._trainer is not None:
                     measured = self.trainer.strategy.reduce(measured, reduce_op="mean")
                 stats.copy_(torch.where(torch.isnan(stats), measured.to(stats), stats))
                 log.info("%s latents: shift %.4g, scale %.4g", m, float(stats[0]), float(stats[1]))
+            self._stats_known.add(m)  # read once: no host sync in later steps
             out[m] = (x - stats[0].to(x.dtype)) * stats[1].to(x.dtype)
         return out
 
@@ -234,7 +245,8 @@ class DiTModule(L.LightningModule):
         """The DiT's timesteps: per token (0 at clean tokens) when some sample has a stream partly clean
         (continuation, retake, first/last frames), else one per sample (the cheaper modulation). Both streams
         switch together, so a compiled DiT sees two input structures, not four."""
-        partly = any(bool((c.any(1) & ~c.all(1)).any()) for c in (tt.clean_video, tt.clean_audio))
+        partly = tt.partly if tt.partly is not None else any(
+            bool((c.any(1) & ~c.all(1)).any()) for c in (tt.clean_video, tt.clean_audio))
         if partly:
             return {"video": tt.video_token_t, "audio": tt.audio_token_t}
         return {"video": tt.t_video, "audio": tt.t_audio}
@@ -281,7 +293,7 @@ class DiTModule(L.LightningModule):
 
     def sample_timesteps(self, b: int, video_len: int, audio_len: int, device) -> TaskTimesteps:
         """A training task and per-modality timesteps for each of ``b`` samples (:mod:`sora.diffusion.flow`)."""
-        tasks = sample_task(b, self.task_probs).to(device)
+        tasks = sample_task(b, self.task_probs).to(device, non_blocking=True)
         t = logit_normal_timesteps(b, self.timestep_mean, self.timestep_std, device=device)
         ta = logit_normal_timesteps(b, self.timestep_mean, self.timestep_std, device=device) \
             if self.independent_timesteps else t.clone()
@@ -311,7 +323,7 @@ class DiTModule(L.LightningModule):
         if packed:
             self.log_dict({"train/pack_samples": float(b), "train/pack_tokens": float(self.batch_tokens(batch))},
                           batch_size=b)
-        self.log("train/loss", out["loss"].detach(), batch_size=b, prog_bar=True)
+        self.log("train/loss", out["loss"].detach(), batch_size=b)  # in the bar: callbacks.ProgressBar (no sync)
         return out["loss"]
 
     @torch.no_grad()
