@@ -36,6 +36,7 @@ Splitting: each stream deals its share to each of ``world_size * num_workers`` g
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 from abc import ABC, abstractmethod
@@ -74,6 +75,17 @@ class ClipBatch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def select(self, index: list[int]) -> "ClipBatch":
+        """The clips at ``index`` (host-side lists; tensors indexed on their batch dim): a batch of their own."""
+        b, picked = len(self), {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b:
+                picked[f.name] = v[torch.tensor(index, dtype=torch.long, device=v.device)]
+            elif isinstance(v, list) and len(v) == b:
+                picked[f.name] = [v[i] for i in index]
+        return dataclasses.replace(self, **picked)
 
     def normalize(self) -> "ClipBatch":
         """uint8 video -> float in [-1, 1], in place (a no-op when already float).

@@ -28,7 +28,7 @@ from sora.models.gan import (MultiPeriodDiscriminator, PatchDiscriminator3D, dis
 from sora.models.mel import mel_loss
 from sora.models.perceptual import LPIPS
 from sora.models.video_vae import VideoVAE
-from sora.training.optim import adamw_with_schedule
+from sora.training.optim import adamw_with_schedule, clip_gradients, fused_for
 
 
 def frozen(module: nn.Module):
@@ -64,7 +64,10 @@ class _Stage(L.LightningModule):
         if disc:
             groups.append({"params": list(self.discriminator.parameters()), "lr": self.disc_lr})
         return adamw_with_schedule(groups, self.lr, self.weight_decay, self.betas, self.warmup_steps,
-                                   total, self.schedule, self.min_lr_ratio)
+                                   total, self.schedule, self.min_lr_ratio, fused=fused_for(self._trainer))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def log_terms(self, prefix: str, terms: dict, batch_size: int) -> None:
         """Every term as ``<prefix>/<term>``; ``loss`` also on the progress bar."""
@@ -179,11 +182,11 @@ class AudioVAEModule(_Stage):
     def batch_tokens(self, batch) -> int:
         return batch.audio.shape[-1] // (self.vae.mel.hop * self.vae.stride) * len(batch)
 
-    @staticmethod
-    def audible(batch) -> torch.Tensor:
-        wave = mono(batch.audio)
-        keep = batch.has_audio.to(wave.device).bool()
-        return wave[keep] if keep.any() else wave
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Clips without sound leave the batch here, on the host, where ``has_audio`` is read without a device
+        sync (unless no clip has sound: then the batch stays whole)."""
+        keep = batch.has_audio.tolist()
+        return batch.select([i for i, k in enumerate(keep) if k]) if any(keep) and not all(keep) else batch
 
     def vocoder_pairs(self, mel: torch.Tensor, wave: torch.Tensor):
         """Random ``vocoder_segment``-frame windows of (mel, wave), one per clip."""
@@ -197,7 +200,7 @@ class AudioVAEModule(_Stage):
         return mels, waves
 
     def training_step(self, batch, batch_idx):
-        wave = self.audible(batch)
+        wave = mono(batch.audio)  # silent clips left out on the host: on_before_batch_transfer
         mel = self.vae.mel(wave)
         recon, posterior = self.vae(mel, sample=self.sample_posterior)
         terms = self.vae.loss(mel, recon, posterior, kl_weight=self.kl_weight)
@@ -220,7 +223,7 @@ class AudioVAEModule(_Stage):
         return loss + terms["disc"] if gan else loss
 
     def validation_step(self, batch, batch_idx):
-        wave = self.audible(batch)
+        wave = mono(batch.audio)  # silent clips left out on the host: on_before_batch_transfer
         mel = self.vae.mel(wave)
         recon, posterior = self.vae(mel, sample=False)
         logs = {"val/mel_l1": (recon - mel).abs().mean(),

@@ -44,7 +44,7 @@ from sora.models.video_vae import VideoVAE
 from sora.script import Script, Shot
 from sora.timeline import Timeline
 from sora.training.autoencoders import mono
-from sora.training.optim import adamw_with_schedule
+from sora.training.optim import adamw_with_schedule, clip_gradients, fused_for
 from sora.training.sequence_parallel import check_sequence_parallel, sequence_parallel_size
 from sora.training.strategies import configure_sharding, parallelize_dit
 
@@ -363,7 +363,10 @@ class DiTModule(L.LightningModule):
         o = dict(self.optim)
         if o["total_steps"] is None and self._trainer is not None and (self.trainer.max_steps or 0) > 0:
             o["total_steps"] = self.trainer.max_steps
-        return adamw_with_schedule(self.parameters(), **o)
+        return adamw_with_schedule(self.parameters(), **o, fused=fused_for(self._trainer))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- accounting ------------------------------------------------------------------------------
     def flops_per_token(self) -> float:

@@ -12,13 +12,24 @@ end without saving (and abort a running validation), and under SLURM its SIGUSR1
 ``hpc_ckpt_N.ckpt`` from inside the handler, in the middle of a step, before requeueing.
 
 :class:`NonFiniteGuard` (``callbacks.nonfinite``): after the backward, before gradient clipping and
-the optimizer step, it checks the loss and every gradient (the local shards under FSDP2); all ranks
-agree. A non-finite step is skipped exactly: every gradient is set to None, so AdamW leaves weights,
-moments and step counts untouched. Lightning still counts the step: ``global_step``, the LR schedule
-and the data stream move on by one, and the EMA averages in the unchanged weights. Skipped steps are
-logged (``train/nonfinite_steps``, cumulative); after ``max_consecutive`` in a row the run saves
-``checkpoints/nonfinite-step=N.ckpt`` (the last good weights) and stops with one error line naming
-the step, the non-finite loss term (e.g. ``train/loss_audio``) and the first non-finite gradient.
+the optimizer step, it checks the loss and every gradient (the local shards under FSDP2) on the device;
+all ranks agree (a sum over them). A non-finite step is skipped exactly: weights, moments and step counts
+stay untouched. Lightning still counts the step: ``global_step``, the LR schedule and the data stream move
+on by one, and the EMA averages in the unchanged weights. How it is skipped:
+
+* a fused optimizer (torch's fused AdamW, :func:`sora.training.optim.adamw_with_schedule`'s default): the
+  verdict goes to the optimizer as a device flag (``found_inf``, which its kernel reads as under a
+  GradScaler), with no host sync; the counters, the last bad step and its evidence (which ``train/*``
+  terms, which parameter's gradient came first) stay on the device and are read at the logger's steps
+  (``trainer.log_every_n_steps``) and when training ends;
+* any other optimizer: the verdict is read on the host at every step and the gradients are set to None
+  (torch optimizers skip parameters without one).
+
+Skipped steps are logged (``train/nonfinite_steps``, cumulative) and named in a warning; after
+``max_consecutive`` in a row the run saves ``checkpoints/nonfinite-step=N.ckpt`` and stops with one
+error line naming the step, the non-finite loss term (e.g. ``train/loss_audio``) and the first
+non-finite gradient (on the device path at the next logging step: the weights are those of the last
+good step, or of the good steps after the run of bad ones).
 With a GradScaler (``16-mixed``) gradient overflows are the scaler's to skip: only the loss is checked.
 DeepSpeed keeps gradients inside its engine: the guard checks the loss and counts the steps the
 engine itself skipped (its overflow check: bf16 ``check_grad_overflow``, and a non-finite gradient
@@ -173,7 +184,6 @@ class NonFiniteGuard(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         run_last(trainer, self)
-        self._names = {id(p): n for n, p in pl_module.named_parameters()}
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         bad = ~torch.isfinite(loss.detach()).all()  # on the device: no sync per micro-batch
@@ -181,6 +191,7 @@ class NonFiniteGuard(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._ds_skipped = getattr(trainer.model, "skipped_steps", None) if self._deepspeed(trainer) else None
+        self._names = {id(p): n for n, p in pl_module.named_parameters()}  # the strategy's (sharded) parameters
         device = trainer.strategy.root_device
         f = dict(dtype=torch.float32, device=device)
         self._dev = {"skipped": torch.tensor(float(self.skipped), **f), "in_a_row": torch.tensor(float(self.in_a_row), **f),

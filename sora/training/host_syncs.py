@@ -17,7 +17,7 @@ counts reads of tensors that a GPU run would keep on the host (build those from 
 
 from __future__ import annotations
 
-import traceback
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -35,14 +35,21 @@ _OURS = (str(Path(__file__).resolve().parents[1]), "/lightning/")
 
 
 def _where() -> str:
-    """``file:line function`` of the innermost frame in sora or Lightning (else the innermost Python frame)."""
-    frames = traceback.extract_stack()[:-3]
-    for f in reversed(frames):
-        if any(part in f.filename for part in _OURS) and "host_syncs.py" not in f.filename:
-            name = f.filename.split("site-packages/")[-1].split(str(Path(__file__).resolve().parents[2]) + "/")[-1]
-            return f"{name}:{f.lineno} {f.name}"
-    f = frames[-1] if frames else None
-    return f"{f.filename}:{f.lineno} {f.name}" if f else "?"
+    """``path:line qualname`` of the innermost frame in sora or Lightning (else the innermost Python frame)."""
+    root, here = str(Path(__file__).resolve().parents[2]) + "/", str(Path(__file__).resolve())
+    frame, first = sys._getframe(2), None
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if first is None and path != here and "/torch/" not in path:
+            first = frame
+        if any(part in path for part in _OURS) and path != here:
+            break
+        frame = frame.f_back
+    frame = frame or first
+    if frame is None:
+        return "?"
+    path = frame.f_code.co_filename.split("site-packages/")[-1].replace(root, "")
+    return f"{path}:{frame.f_lineno} {frame.f_code.co_qualname}"
 
 
 class HostSyncs(TorchDispatchMode):
@@ -61,23 +68,42 @@ class HostSyncs(TorchDispatchMode):
 
 class SyncAudit(Callback):
     """Records :class:`HostSyncs` between consecutive training batch starts; ``steps[global_step]`` holds what
-    the span that began at that optimizer step saw (its step, its callbacks and logging, the next batch's fetch)."""
+    the span that began at that optimizer step saw (its step, its callbacks and logging, the next batch's fetch).
+    On a CUDA device it also turns on ``torch.cuda.set_sync_debug_mode("warn")`` in each span and counts its
+    warnings (``cuda sync: file:line``), which also catch blocking host-to-device copies and ``.tolist()``."""
 
     def __init__(self, path: str | None = None):
         self.path = path  # where on_train_end writes {step: {where: count}} as JSON, when given
         self.steps: dict[int, Counter[str]] = {}
         self._mode: HostSyncs | None = None
+        self._warnings = None  # (catch_warnings, its records) on CUDA
         self._step = None
 
     def _close(self) -> None:
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
-            self.steps[self._step] = self._mode.seen
+            seen = self._mode.seen
+            if self._warnings is not None:
+                torch.cuda.set_sync_debug_mode(0)
+                catcher, records = self._warnings
+                catcher.__exit__(None, None, None)
+                for w in records:
+                    if "synchroniz" in str(w.message):
+                        seen[f"cuda sync: {w.filename.split('site-packages/')[-1]}:{w.lineno}"] += 1
+                self._warnings = None
+            self.steps[self._step] = seen
             self._mode = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._close()
         self._step = trainer.global_step
+        if pl_module.device.type == "cuda":
+            import warnings
+
+            catcher = warnings.catch_warnings(record=True)
+            self._warnings = (catcher, catcher.__enter__())
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         self._mode = HostSyncs()
         self._mode.__enter__()
 
@@ -86,15 +112,11 @@ class SyncAudit(Callback):
         if self.path and trainer.is_global_zero:
             import json
 
-            report = {"log_every_n_steps": trainer.log_every_n_steps,
+            every = max(1, trainer.log_every_n_steps or 1)
+            report = {"log_every_n_steps": trainer.log_every_n_steps, "device": str(pl_module.device),
+                      "logging_steps": [s for s in sorted(self.steps) if (s + 1) % every == 0],
                       "steps": {str(s): dict(c) for s, c in sorted(self.steps.items())}}
             Path(self.path).write_text(json.dumps(report, indent=1) + "\n")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._close()
-
-    def logging_steps(self, trainer) -> set[int]:
-        """Optimizer steps at whose end the logger writes (where Lightning itself reads the logged values)."""
-        every = max(1, trainer.log_every_n_steps or 1)
-        return {s for s in self.steps if (s + 1) % every == 0}
-

@@ -1,4 +1,5 @@
-"""AdamW with a linear warm-up, then cosine decay or a constant rate (``LambdaLR``, per step)."""
+"""AdamW with a linear warm-up, then cosine decay or a constant rate (``LambdaLR``, per step); fused where torch
+has the kernel, and gradient clipping that works with it under bf16-mixed."""
 
 from __future__ import annotations
 
@@ -65,3 +66,23 @@ def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_
     fn(0)  # a bad schedule name fails here, not at the first step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def fused_for(trainer) -> bool | None:
+    """``fused`` for :func:`adamw_with_schedule` under ``trainer``: auto, except with a GradScaler (``16-mixed``),
+    which hands a fused optimizer scaled gradients to unscale in its kernel: clipping them first would be wrong."""
+    return False if getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None else None
+
+
+def clip_gradients(module, optimizer, clip_val, algorithm) -> None:
+    """A module's ``configure_gradient_clipping``: Lightning's, except that its mixed-precision plugin refuses any
+    fused optimizer (under a GradScaler it would clip scaled gradients); without a scaler (bf16-mixed) nothing
+    is scaled, so the base plugin's clipping is right."""
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    plugin = module.trainer.precision_plugin
+    if clip_val and getattr(plugin, "scaler", None) is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        Precision.clip_gradients(plugin, optimizer, clip_val, GradClipAlgorithmType(algorithm or "norm"))
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
