@@ -153,6 +153,17 @@ def test_lambdalr_steps_follow_the_schedule_and_skip_decay_on_gains():
     assert lrs[3] == pytest.approx(1e-3) and lrs[20] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_adamw_is_fused_where_torch_has_the_kernel_and_not_under_a_grad_scaler():
+    from types import SimpleNamespace
+
+    from sora.training.optim import fused_for
+
+    assert adamw_with_schedule(_model().parameters(), lr=1e-3)["optimizer"].defaults["fused"]  # a CPU kernel exists
+    assert fused_for(SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))) is None  # auto
+    scaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))  # 16-mixed: clipping needs unscaled grads
+    assert not adamw_with_schedule(_model().parameters(), lr=1e-3, fused=fused_for(scaled))["optimizer"].defaults["fused"]
+
+
 def test_psnr():
     x = torch.zeros(2, 3, 5, 8, 8)
     assert psnr(x, x + 0.2).tolist() == pytest.approx([10 * math.log10(4 / 0.04)] * 2, rel=1e-5)
