@@ -38,14 +38,9 @@ def demo(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.cuda`` tests (tests/test_cuda.py, tools/gpu_check.sh) skip on machines without a GPU. Under
-    pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the tests of the session's ``demo`` run share one
-    worker, so that it is built once."""
+    """``@pytest.mark.cuda`` tests (tests/test_cuda.py, tools/gpu_check.sh) skip on machines without a GPU."""
     import torch
 
-    for item in items:
-        if "demo" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("demo"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run tools/gpu_check.sh on one)")
