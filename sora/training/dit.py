@@ -161,7 +161,7 @@ class DiTModule(L.LightningModule):
         if not any("shots" in m for m in metas):
             return None
         dropped = [False] * len(metas) if drop is None else drop.tolist()  # a host tensor (drop_text)
-        seqs, masks, ids = [], [], []  # per sample: tokens [n, D], which are real [n], shot ids [n]
+        seqs, ids = [], []  # per sample: its real text tokens [n, D] and their shot ids [n]
         if self.cached_text(batch):
             lengths = batch.lengths()
             for i, m in enumerate(metas):
@@ -175,7 +175,6 @@ class DiTModule(L.LightningModule):
                         raise ValueError(f"the latent cache {batch.cache}: {batch.keys[i]} has {len(q)} text "
                                          f"tokens, its shots' text_tokens add up to {len(k)}")
                 seqs.append(q)
-                masks.append(torch.ones(len(q), dtype=torch.bool, device=q.device))
                 ids.append(k.long())
             tokens = batch.text
         else:
@@ -188,15 +187,14 @@ class DiTModule(L.LightningModule):
             for e in entries:  # a sample's captions' real tokens one after the other
                 parts = [(tokens[j + n][: lengths[j + n]], k) for n, (_, k) in enumerate(e)]
                 seqs.append(torch.cat([t for t, _ in parts]))
-                masks.append(torch.ones(len(seqs[-1]), dtype=torch.bool, device=tokens.device))
                 ids.append(torch.cat([torch.full((len(t),), k, dtype=torch.long) for t, k in parts]))
                 j += len(e)
         length = max(1, max(len(q) for q in seqs))
         text = tokens.new_zeros(len(seqs), length, tokens.shape[-1])
         text_mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=tokens.device)
         tid = torch.full((len(seqs), length), -1, dtype=torch.long, device=tokens.device)
-        for i, (q, r, k) in enumerate(zip(seqs, masks, ids)):
-            text[i, :len(q)], text_mask[i, :len(q)], tid[i, :len(q)] = q, r, k.to(tokens.device, non_blocking=True)
+        for i, (q, k) in enumerate(zip(seqs, ids)):
+            text[i, :len(q)], text_mask[i, :len(q)], tid[i, :len(q)] = q, True, k.to(tokens.device, non_blocking=True)
         steps = {"video": [], "audio": []}
         for m in metas:
             script = Script(tuple(Shot(float(s["start"]), float(s["end"]), s["caption"]) for s in m["shots"])) \
