@@ -118,3 +118,20 @@ def test_dit_on_a_latent_cache_with_cached_shot_captions_holds_no_device_sync(tm
                                   f"data.train.urls={tmp_path}/cache/latents-*.tar")
     between = {s: _device_syncs(c) for s, c in steps.items() if s and s not in logging_steps}
     assert len(between) == 7 and all(not c for c in between.values()), between
+
+
+def test_progress_bar_shows_the_loss_read_at_the_logging_steps_only():
+    from types import SimpleNamespace
+
+    from sora.training.callbacks import ProgressBar
+
+    trainer = SimpleNamespace(training=True, global_step=4, log_every_n_steps=4, loggers=[], progress_bar_metrics={},
+                              callback_metrics={"train/loss": torch.tensor(2.5)})
+    bar = ProgressBar()
+    assert bar.get_metrics(trainer, None)["train/loss"] == 2.5
+    trainer.callback_metrics = {"train/loss": torch.tensor(1.0)}
+    for step in (5, 6, 7):  # between logging steps: the value shown at step 4, nothing read
+        trainer.global_step = step
+        assert bar.get_metrics(trainer, None)["train/loss"] == 2.5
+    trainer.global_step = 8
+    assert bar.get_metrics(trainer, None)["train/loss"] == 1.0
