@@ -322,7 +322,9 @@ def test_reencode_streams_in_bounded_memory(tmp_path, monkeypatch):
     assert streamed_peak < whole_peak / 5, (streamed_peak, whole_peak)  # ~0.35 MB: a window + the mp4 bytes
     a, b = read_av(streamed, sample_rate=SR), read_av(whole, sample_rate=SR)
     assert a.frames.shape == b.frames.shape == (96, 48, 64, 3)
-    assert np.abs(a.frames.astype(float) - b.frames.astype(float)).mean() < 0.5
+    # libx264 (one thread) gives run-to-run different bytes for the same frames about once in 20 encodes (0.6-1.65
+    # mean difference, measured 2026-12-07); frames one step out of place differ by 5.4-8.1: the bound sits between
+    assert np.abs(a.frames.astype(float) - b.frames.astype(float)).mean() < 2.5
     assert a.audio.shape == b.audio.shape == (1, seconds * SR) and a.audio_mask.all()
     assert np.abs(a.audio - b.audio).mean() < 0.01
 
