@@ -14,6 +14,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 
+def logger_writes(trainer, step: int | None = None) -> bool:
+    """Whether the logger writes after optimizer step ``step`` (default: the one just taken, ``trainer.global_step``),
+    every ``trainer.log_every_n_steps``: where Lightning reads the logged values anyway, and where the callbacks
+    that avoid a per-step host sync read or reduce theirs."""
+    step = getattr(trainer, "global_step", 0) if step is None else step
+    return step % max(1, getattr(trainer, "log_every_n_steps", 1) or 1) == 0
+
+
 class EMA(Callback):
     """An exponential moving average of the trainable weights, used for validation.
 
@@ -260,7 +268,7 @@ class Throughput(Callback):
         dt = time.perf_counter() - self._t0
         tokens = pl_module.batch_tokens(batch) if hasattr(pl_module, "batch_tokens") else 0
         self._times.append((dt, len(batch), tokens))
-        if trainer.global_step % max(1, trainer.log_every_n_steps or 1):  # logged only when the logger writes
+        if not logger_writes(trainer):  # logged only when the logger writes
             return
         seconds = sum(t for t, _, _ in self._times)
         samples = sum(n for _, n, _ in self._times) / seconds
@@ -371,7 +379,7 @@ class ProgressBar(RichProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)
         step = trainer.global_step
-        if trainer.training and step != self._read_at and step % max(1, trainer.log_every_n_steps or 1) == 0:
+        if trainer.training and step != self._read_at and logger_writes(trainer):
             metrics = trainer.callback_metrics
             self._shown = {k: float(metrics[k]) for k in self.keys if k in metrics}
             self._read_at = step

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from sora.data.pipeline import KINDS
+from sora.training.callbacks import logger_writes
 
 
 class DataHealth(Callback):
@@ -41,7 +42,7 @@ class DataHealth(Callback):
         step = getattr(trainer, "global_step", 0)
         self._at = (trainer.strategy, pl_module.device, max(1, int(getattr(pl_module, "sequence_parallel", 1) or 1)),
                     step)
-        if step % max(1, getattr(trainer, "log_every_n_steps", 1) or 1):
+        if not logger_writes(trainer):
             return  # the logger writes at its steps only: counted on the host in between
         self._reduce()
         logs = {"data/skipped": self._global.sum(), **{f"data/skipped_{k}": c for k, c in zip(KINDS, self._global)}}

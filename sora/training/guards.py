@@ -51,6 +51,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from sora.training.callbacks import logger_writes
+
 log = logging.getLogger(__name__)
 
 
@@ -291,8 +293,7 @@ class NonFiniteGuard(Callback):
             reached = (dev["in_a_row"] >= self.max_consecutive) & (dev["hit"] < 0)
             dev["hit"] = torch.where(reached, float(step), dev["hit"])
         pl_module.log("train/nonfinite_steps", dev["skipped"], on_step=True, on_epoch=False, batch_size=1)
-        every = max(1, trainer.log_every_n_steps or 1)
-        if self._host or trainer.global_step % every == 0:  # the device path: read at the logger's steps only
+        if self._host or logger_writes(trainer):  # the device path: read at the logger's steps only
             self.check(trainer, note)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -112,9 +112,10 @@ class SyncAudit(Callback):
         if self.path and trainer.is_global_zero:
             import json
 
-            every = max(1, trainer.log_every_n_steps or 1)
+            from sora.training.callbacks import logger_writes
+
             report = {"log_every_n_steps": trainer.log_every_n_steps, "device": str(pl_module.device),
-                      "logging_steps": [s for s in sorted(self.steps) if (s + 1) % every == 0],
+                      "logging_steps": [s for s in sorted(self.steps) if logger_writes(trainer, s + 1)],
                       "steps": {str(s): dict(c) for s, c in sorted(self.steps.items())}}
             Path(self.path).write_text(json.dumps(report, indent=1) + "\n")
 
