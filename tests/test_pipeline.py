@@ -217,3 +217,30 @@ def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path):
     world = WorldConfig(width=32, height=32, seconds=1.0)
     with pytest.raises(RuntimeError, match="too few samples for batch_size=4"):
         next(iter(WorldClipStream(world, TL, batch_size=4, clips=3)))
+
+
+def test_lightning_moves_a_batch_by_its_to_without_walking_its_lists():
+    """Lightning's batch_to_device calls ClipBatch.to / PackedBatch.to: tensors (and dicts of tensors) move,
+    captions and the world's ground truth (`meta`) are the same objects, not rebuilt element by element."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from sora.data.latents import LatentBatch
+    from sora.data.packing import PackedBatch
+
+    world = WorldConfig(width=32, height=32, seconds=1.0, fps=24, sample_rate=16000)
+    batch = next(iter(WorldClipStream(world, TL, batch_size=2, clips=4, seed=1)))
+    moved = move_data_to_device(batch, torch.device("cpu"))
+    assert type(moved) is type(batch) and moved is not batch
+    assert moved.meta is batch.meta and moved.captions is batch.captions and moved.keys == batch.keys
+    assert torch.equal(moved.video, batch.video) and torch.equal(moved.audio_mask, batch.audio_mask)
+    assert moved.meta[0]["world"]["impacts"]
+
+    cached = LatentBatch(**{f: getattr(batch, f) for f in batch.__dataclass_fields__},
+                         latents={"video": torch.ones(2, 4, 3, 2, 2, dtype=torch.float64)},
+                         text=torch.zeros(2, 3, 8), text_mask=torch.ones(2, 3, dtype=torch.bool), hashes={"v": "abc"})
+    to_float = cached.to("cpu")
+    assert isinstance(to_float, LatentBatch) and to_float.latents is not cached.latents
+    assert torch.equal(to_float.latents["video"], cached.latents["video"]) and to_float.hashes is cached.hashes
+    packed = move_data_to_device(PackedBatch([batch, cached], skipped=1, skipped_by={"decode": 1}), "cpu")
+    assert [type(p) for p in packed.parts] == [type(batch), LatentBatch] and packed.parts[0].meta is batch.meta
+    assert (packed.skipped, packed.skipped_by, len(packed)) == (1, {"decode": 1}, 4)

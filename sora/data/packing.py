@@ -96,6 +96,10 @@ class PackedBatch:
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)
 
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """Every part on ``device`` (see ``ClipBatch.to``)."""
+        return PackedBatch([p.to(device) for p in self.parts], self.skipped, dict(self.skipped_by), self.loader_step)
+
     def normalize(self) -> "PackedBatch":
         """uint8 video -> float in [-1, 1] for every part (see ``ClipBatch.normalize``)."""
         for p in self.parts:
