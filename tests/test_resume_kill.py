@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import once
+
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["experiment=quickstart/video_vae", "trainer.max_steps=6", "trainer.val_check_interval=2",
         "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false",
@@ -47,10 +49,15 @@ def last_step(run: Path) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
+    """A reference run and one killed at step 4 then resumed: their records (made once per session, shared by
+    pytest-xdist's workers)."""
+    return once(tmp_path_factory, "resume-kill", make_runs)[1]
+
+
+def make_runs(root: Path) -> tuple[list, list, list]:
     reference, killed = root / "reference", root / "killed"
     ref = subprocess.Popen(command(reference), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    killed.mkdir()
+    killed.mkdir(parents=True)
     proc = subprocess.Popen(command(killed), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while last_step(killed) < 4:

@@ -24,7 +24,7 @@ import torch
 
 from sora.cli.overrides import CONFIGS
 from sora.checkpoints.export import checkpoint_kind, read_export, read_training_checkpoint
-from tests.conftest import SMALL_DIT
+from tests.conftest import SMALL_DIT, once
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_vae_ckpt=null", *SMALL_DIT, "data.num_workers=0",
@@ -75,16 +75,16 @@ def assert_same(a: dict, b: dict, atol: float = 0.0, what: str = "") -> None:
             assert torch.equal(a[k], b[k]), f"{what} {k}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """``runs(strategy)``: the run dir of a 2-process run of that strategy, made once per module."""
-    root, done = tmp_path_factory.mktemp("strategies"), {}
+    """``runs(strategy)``: the run dir of a 2-process run of that strategy, made once per test session (under
+    pytest-xdist once for all workers); the tests only read it."""
 
     def run_of(strategy: str) -> Path:
-        if strategy not in done:
-            train(root / strategy, f"strategy={strategy}", *EXTRA.get(strategy, []))
-            done[strategy] = root / strategy
-        return done[strategy]
+        def make(run: Path) -> None:
+            train(run, f"strategy={strategy}", *EXTRA.get(strategy, []))
+
+        return once(tmp_path_factory, f"strategies-{strategy}", make)[0]
 
     return run_of
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sora.cli.overrides import check_overrides, quote_values
+from tests.conftest import once
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
@@ -51,24 +53,30 @@ def _stream_batches(ckpt: dict) -> int:
 
 @pytest.fixture(scope="module")
 def vae_runs(tmp_path_factory):
-    """3 steps of each quickstart autoencoder (validation after step 2), then resumed to step 5."""
-    root = tmp_path_factory.mktemp("train")
-    runs = {"video_vae": root / "video_vae", "audio_vae": root / "audio_vae"}
-    first = {}
-    for name, run in runs.items():
-        workers = "data.num_workers=2" if name == "video_vae" else "data.num_workers=0"
-        proc = _ok(_train(run, f"experiment=quickstart/{name}", "trainer.max_steps=3", "trainer.val_check_interval=2",
-                          workers))
-        first[name] = (proc, _ckpt(run))
-        _ok(_train(run, f"experiment=quickstart/{name}", "trainer.max_steps=5", "ckpt_path=last", workers))
-    return runs, first
+    """3 steps of each quickstart autoencoder (validation after step 2; its checkpoint kept as step3.ckpt), then
+    resumed to step 5. Made once per session, shared by pytest-xdist's workers."""
+
+    def make(root: Path) -> dict:
+        stdout = {}
+        for name in ("video_vae", "audio_vae"):
+            run, workers = root / name, "data.num_workers=2" if name == "video_vae" else "data.num_workers=0"
+            stdout[name] = _ok(_train(run, f"experiment=quickstart/{name}", "trainer.max_steps=3",
+                                      "trainer.val_check_interval=2", workers)).stdout
+            shutil.copy(run / "checkpoints" / "last.ckpt", root / f"{name}-step3.ckpt")
+            _ok(_train(run, f"experiment=quickstart/{name}", "trainer.max_steps=5", "ckpt_path=last", workers))
+        return stdout
+
+    root, stdout = once(tmp_path_factory, "train-cli-vaes", make)
+    first = {name: (out, torch.load(root / f"{name}-step3.ckpt", map_location="cpu", weights_only=True))
+             for name, out in stdout.items()}
+    return {name: root / name for name in stdout}, first
 
 
 @pytest.mark.parametrize("name, val_metric", [("video_vae", "val/psnr"), ("audio_vae", "val/mel_l1")])
 def test_quickstart_autoencoder_trains_and_resumes(vae_runs, name, val_metric):
     runs, first = vae_runs
-    run, (proc, ckpt3) = runs[name], first[name]
-    assert "sora-train: step 3" in proc.stdout
+    run, (stdout, ckpt3) = runs[name], first[name]
+    assert "sora-train: step 3" in stdout
     assert ckpt3["global_step"] == 3 and _stream_batches(ckpt3) == 3
     rows = _metrics(run, 0)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
