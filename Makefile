@@ -42,6 +42,7 @@ demo-long: $(STAMP) $(I3D)
 
 # TEST_WORKERS: pytest-xdist processes; 0 runs the tests in this one. On 2 cores (one run each, 2026-12-07):
 # one process 812 s, -n 2 697 s (-n 2 with the demo fixture's tests kept on one worker: 756 s)
+# (a slower host, 2026-12-07: -n 2 1028 s; 929 s once the shared runs were made once for both workers)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
