@@ -91,8 +91,8 @@ class ClipBatch:
         """The batch with its tensors (and dicts of tensors) on ``device``; lists (captions, ``meta``) shared.
 
         Lightning's ``batch_to_device`` calls this instead of walking the batch: its generic walk rebuilt
-        every list of ``meta`` (the world's ground truth, thousands of numbers a batch), 31 ms of a
-        275 ms quickstart DiT step on a CPU (experiments/benchmarks/README.md).
+        every list of ``meta`` (the world's ground truth, thousands of numbers a batch), 13.8 ms of a
+        ~280 ms quickstart DiT step on cached latents on a CPU (experiments/benchmarks/README.md).
         """
         device = torch.device(device)
         return dataclasses.replace(self, **{f.name: moved for f in dataclasses.fields(self)

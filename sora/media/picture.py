@@ -61,7 +61,8 @@ def hdr_of(trc) -> str:
 def _matrix(frame) -> np.ndarray | None:
     if frame is None:
         return None
-    for sd in frame.side_data:
+    for item in frame.side_data:  # PyAV <= 18.1.0 yields the side data, 18.1.1 on (a mapping) its types
+        sd = item if hasattr(item, "type") else frame.side_data[item]
         if getattr(sd.type, "name", "") == "DISPLAYMATRIX":
             m = np.frombuffer(bytes(sd), "<i4")
             return m if m.size == 9 else None
