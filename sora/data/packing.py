@@ -27,7 +27,7 @@ present (``parts``), so every part can be encoded by the autoencoders at its own
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 import torch
@@ -98,7 +98,7 @@ class PackedBatch:
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         """Every part on ``device`` (see ``ClipBatch.to``)."""
-        return PackedBatch([p.to(device) for p in self.parts], self.skipped, dict(self.skipped_by), self.loader_step)
+        return replace(self, parts=[p.to(device) for p in self.parts])
 
     def normalize(self) -> "PackedBatch":
         """uint8 video -> float in [-1, 1] for every part (see ``ClipBatch.normalize``)."""

@@ -25,6 +25,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sora.training.callbacks import logger_writes
+
 aten = torch.ops.aten
 # ops whose result the host needs before it can go on: a value (item, bool, int, float), or a size that
 # depends on the data (nonzero and what builds on it); each one drains the device queue under CUDA
@@ -111,8 +113,6 @@ class SyncAudit(Callback):
         self._close()
         if self.path and trainer.is_global_zero:
             import json
-
-            from sora.training.callbacks import logger_writes
 
             report = {"log_every_n_steps": trainer.log_every_n_steps, "device": str(pl_module.device),
                       "logging_steps": [s for s in sorted(self.steps) if logger_writes(trainer, s + 1)],
