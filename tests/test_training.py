@@ -212,6 +212,28 @@ def test_dit_step_trains_the_dit_only_and_masks_clean_modalities():
     assert not module.video_vae.training and module.dit.training
 
 
+def test_dit_optimizer_muon_on_one_device_or_ddp_and_refused_where_matrices_are_sharded():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from sora.training.muon import MuonAdamW
+
+    module = _dit_module(optimizer="muon", muon_lr=0.02, warmup_steps=0)
+    for cls in (SingleDeviceStrategy, DDPStrategy):
+        module._trainer = SimpleNamespace(strategy=cls.__new__(cls), max_steps=10)
+        opt = module.configure_optimizers()["optimizer"]
+        assert isinstance(opt, MuonAdamW) and opt.param_groups[0]["muon"] and opt.param_groups[0]["lr"] == 0.02
+        assert all(n.startswith("dit.blocks.") for n, p in module.named_parameters()
+                   if any(p is q for q in opt.param_groups[0]["params"]))
+    for cls in (DeepSpeedStrategy, FSDPStrategy):
+        module._trainer = SimpleNamespace(strategy=cls.__new__(cls), max_steps=10)
+        with pytest.raises(ValueError, match=f"model.optimizer=muon .* {cls.__name__} shards them"):
+            module.configure_optimizers()
+    with pytest.raises(ValueError, match="model.optimizer='sgd': choose adamw or muon"):
+        _dit_module(optimizer="sgd")
+
+
 def test_dit_loads_vae_weights_preferring_ema(tmp_path):
     vae = VideoVAE(**TINY_CONFIG)
     state = {f"vae.{k}": v for k, v in vae.state_dict().items()}

@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import nn
 
 from sora.checkpoints.export import load_frozen
@@ -44,6 +45,7 @@ from sora.models.video_vae import VideoVAE
 from sora.script import Script, Shot
 from sora.timeline import Timeline
 from sora.training.autoencoders import mono
+from sora.training.muon import muon_with_schedule
 from sora.training.optim import adamw_with_schedule, clip_gradients, fused_for
 from sora.training.sequence_parallel import check_sequence_parallel, sequence_parallel_size
 from sora.training.strategies import configure_sharding, parallelize_dit
@@ -64,6 +66,7 @@ class DiTModule(L.LightningModule):
                  timeline: Timeline, video_vae_ckpt: str | None = None, audio_vae_ckpt: str | None = None,
                  vocoder: Vocoder | None = None, use_ema: bool = True, train_text_encoder: bool = True,
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.95),
+                 optimizer: str = "adamw", muon_lr: float = 1e-2,
                  warmup_steps: int = 1000, total_steps: int | None = None, schedule: str = "constant",
                  min_lr_ratio: float = 0.1, task_probs: Mapping[str, float] | None = None,
                  timestep_mean: float = 0.0, timestep_std: float = 1.0, timestep_shift: float = 1.0,
@@ -99,6 +102,9 @@ class DiTModule(L.LightningModule):
         self.optim = dict(lr=float(lr), weight_decay=float(weight_decay), betas=tuple(float(b) for b in betas),
                           warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
                           min_lr_ratio=min_lr_ratio)
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"model.optimizer={optimizer!r}: choose adamw or muon")
+        self.optimizer_name, self.muon_lr = optimizer, float(muon_lr)
         self.task_probs = dict(task_probs) if task_probs is not None else None
         self.timestep_mean, self.timestep_std, self.timestep_shift = timestep_mean, timestep_std, timestep_shift
         self.independent_timesteps, self.text_drop_prob = independent_timesteps, text_drop_prob
@@ -361,6 +367,14 @@ class DiTModule(L.LightningModule):
         o = dict(self.optim)
         if o["total_steps"] is None and self._trainer is not None and (self.trainer.max_steps or 0) > 0:
             o["total_steps"] = self.trainer.max_steps
+        if self.optimizer_name == "muon":
+            strategy = self._trainer and self.trainer.strategy
+            if strategy and (isinstance(strategy, DeepSpeedStrategy)
+                             or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))):
+                raise ValueError(f"model.optimizer=muon orthogonalises whole weight matrices: strategy "
+                                 f"{type(strategy).__name__} shards them; use ddp or one device")
+            return muon_with_schedule(self.named_parameters(), muon_lr=self.muon_lr, **o,
+                                      fused=fused_for(self._trainer))
         return adamw_with_schedule(self.parameters(), **o, fused=fused_for(self._trainer))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
