@@ -31,6 +31,7 @@ TINY = ["experiment=quickstart/dit", "model.video_vae_ckpt=null", "model.audio_v
         "data.train.batch_size=2", "data.val.batch_size=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
         "trainer.limit_val_batches=1", "callbacks.model_checkpoint.every_n_train_steps=1", "model.warmup_steps=0",
         "model.lr=5.0e-4",  # the lr these 1e-6 equalities were set at (Adam turns float-order noise into lr-sized steps)
+        "model.optimizer=adamw",  # the one every strategy runs (sharded ones cannot run Muon): DDP is their reference
         "callbacks.ema.warmup=false", "callbacks.ema.decay=0.5", "callbacks.samples.every_n_steps=3",
         "callbacks.samples.steps=2", "callbacks.samples.prompts=[a ball]", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]

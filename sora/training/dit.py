@@ -369,12 +369,12 @@ class DiTModule(L.LightningModule):
             o["total_steps"] = self.trainer.max_steps
         if self.optimizer_name == "muon":
             strategy = self._trainer and self.trainer.strategy
-            if strategy and (isinstance(strategy, DeepSpeedStrategy)
-                             or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))):
-                raise ValueError(f"model.optimizer=muon orthogonalises whole weight matrices: strategy "
-                                 f"{type(strategy).__name__} shards them; use ddp or one device")
-            return muon_with_schedule(self.named_parameters(), muon_lr=self.muon_lr, **o,
-                                      fused=fused_for(self._trainer))
+            if not strategy or (isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+                                and not isinstance(strategy, DeepSpeedStrategy)):
+                return muon_with_schedule(self.named_parameters(), muon_lr=self.muon_lr, **o,
+                                          fused=fused_for(self._trainer))
+            log.warning("model.optimizer=muon orthogonalises whole weight matrices, which %s shards: training with "
+                        "AdamW (model.lr) instead", type(strategy).__name__)
         return adamw_with_schedule(self.parameters(), **o, fused=fused_for(self._trainer))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
