@@ -6,8 +6,9 @@ update of each weight matrix is orthogonalised by five Newton-Schulz iterations,
 ("match_rms_adamw", Moonshot's rule) so that its learning rate reads on AdamW's scale. Written here rather than
 wrapping ``torch.optim.Muon`` because that one always orthogonalises in bfloat16, which CPUs without bf16 units
 run ~100x slower than float32 (0.3 GFLOP/s measured on one of our 2-core AMD hosts): :func:`orthogonalize`
-uses bfloat16 on CUDA, float32 elsewhere. ``tests/test_muon.py`` checks the update equals ``torch.optim.Muon``'s
-when both orthogonalise in bfloat16.
+uses bfloat16 on CUDA and on CPUs with bf16 units, float32 elsewhere (:func:`ns_dtype`), one batched call per
+matrix shape. ``tests/test_muon.py`` checks the update equals ``torch.optim.Muon``'s when both orthogonalise in
+bfloat16.
 
 Which parameters: :func:`hidden_matrices` (the 2-D weights inside the DiT's blocks: attention and MLP
 projections; not the AdaLN modulations, embeddings, final layers nor the text encoder).
@@ -16,12 +17,11 @@ projections; not the AdaLN modulations, embeddings, final layers nor the text en
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Iterable
 
 import torch
 
-from sora.training.optim import fusable, lr_factor
+from sora.training.optim import fusable, scheduled
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's quintic)
 
@@ -56,7 +56,7 @@ def ns_dtype(device: torch.device) -> torch.dtype:
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups with ``muon=True`` (2-D parameters only) get Muon, the others torch's AdamW (fused where it
     can be); both read each group's ``lr`` and ``weight_decay``, so one ``LambdaLR`` schedules them all.
-    ``ns_dtype``: the Newton-Schulz dtype (None: :func:`orthogonalize`'s choice)."""
+    ``ns_dtype``: the Newton-Schulz dtype (None: :func:`ns_dtype`)."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
@@ -99,9 +99,6 @@ class MuonAdamW(torch.optim.Optimizer):
             self.adamw.step()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)  # every group's parameters, AdamW's included
-
     def state_dict(self) -> dict:
         out = super().state_dict()
         out["adamw"] = None if self.adamw is None else self.adamw.state_dict()
@@ -142,9 +139,5 @@ def muon_with_schedule(named_parameters, lr: float, muon_lr: float, weight_decay
     groups = [{"params": muon, "muon": True, "lr": muon_lr, "weight_decay": weight_decay}]
     groups += [g for g in ({"params": [p for p in adam if p.ndim >= 2], "weight_decay": weight_decay},
                            {"params": [p for p in adam if p.ndim < 2], "weight_decay": 0.0}) if g["params"]]
-    optimizer = MuonAdamW(groups, lr=lr, betas=betas, fused=fused)
-    fn = partial(lr_factor, warmup_steps=int(warmup_steps), total_steps=total_steps, schedule=schedule,
-                 min_lr_ratio=float(min_lr_ratio))
-    fn(0)  # a bad schedule name fails here
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+    return scheduled(MuonAdamW(groups, lr=lr, betas=betas, fused=fused), warmup_steps, total_steps, schedule,
+                     min_lr_ratio)

@@ -61,6 +61,12 @@ def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_
     if fused is None:
         fused = all(fusable(p) for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused))
+    return scheduled(optimizer, warmup_steps, total_steps, schedule, min_lr_ratio)
+
+
+def scheduled(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int | None = None,
+              schedule: str = "cosine", min_lr_ratio: float = 0.0) -> dict:
+    """``optimizer`` with its per-step ``LambdaLR`` of :func:`lr_factor`, as ``configure_optimizers`` returns them."""
     fn = partial(lr_factor, warmup_steps=int(warmup_steps), total_steps=total_steps, schedule=schedule,
                  min_lr_ratio=float(min_lr_ratio))
     fn(0)  # a bad schedule name fails here, not at the first step
