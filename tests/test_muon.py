@@ -102,3 +102,31 @@ def test_hidden_matrices_are_the_block_projections_only():
     assert groups[2]["weight_decay"] == 0.0 and all(p.ndim < 2 for p in groups[2]["params"])
     with pytest.raises(ValueError, match="2-D"):
         MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(3))], "muon": True}], lr=1e-3)
+
+
+def test_a_device_flag_skips_the_step_without_a_host_read():
+    """``found_inf`` = 1 (the non-finite guard's device flag): weights, Muon's momentum and AdamW's state untouched,
+    NaN gradients included; 0: the same step as without a flag."""
+    plain, flagged = _params(), _params()
+    a = MuonAdamW([{"params": plain[:2], "muon": True, "lr": 0.02}, {"params": plain[2:]}], lr=1e-3, fused=True)
+    b = MuonAdamW([{"params": flagged[:2], "muon": True, "lr": 0.02}, {"params": flagged[2:]}], lr=1e-3, fused=True)
+    assert b.defaults["fused"] and b._step_supports_amp_scaling
+    for ps, opt in ((plain, a), (flagged, b)):
+        for p, g in zip(ps, _grads(0)):
+            p.grad = g.clone()
+    a.step()
+    b.found_inf = torch.tensor(0.0)
+    b.step()
+    before = [p.detach().clone() for p in flagged]
+    state = {k: v.clone() for k, v in b.state[flagged[0]].items()}
+    adam_state = {k: v.clone() for k, v in b.adamw.state[flagged[2]].items()}
+    for p, q in zip(plain, flagged):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for p, g in zip(flagged, _grads(1)):
+        p.grad = torch.full_like(g, float("nan"))
+    b.found_inf = torch.tensor(1.0)
+    b.step()
+    for p, q in zip(flagged, before):
+        assert torch.equal(p, q)
+    assert all(torch.equal(v, b.state[flagged[0]][k]) for k, v in state.items())
+    assert all(torch.equal(v, b.adamw.state[flagged[2]][k]) for k, v in adam_state.items())

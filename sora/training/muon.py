@@ -56,19 +56,24 @@ def ns_dtype(device: torch.device) -> torch.dtype:
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups with ``muon=True`` (2-D parameters only) get Muon, the others torch's AdamW (fused where it
     can be); both read each group's ``lr`` and ``weight_decay``, so one ``LambdaLR`` schedules them all.
-    ``ns_dtype``: the Newton-Schulz dtype (None: :func:`ns_dtype`)."""
+    ``ns_dtype``: the Newton-Schulz dtype (None: :func:`ns_dtype`).
+
+    Fused, it skips a step on a device flag as torch's fused AdamW does (``found_inf``, set by
+    :class:`sora.training.guards.NonFiniteGuard`; no host sync): Muon's momentum and weights are kept where the
+    flag is 1, the AdamW part gets the flag."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
                  fused: bool | None = None):
-        super().__init__(groups, dict(lr=lr, weight_decay=0.0, muon=False))
+        if fused is None:
+            fused = all(fusable(p) for g in groups for p in g["params"])
+        super().__init__(groups, dict(lr=lr, weight_decay=0.0, muon=False, fused=bool(fused)))
         for g in self.param_groups:
             if g["muon"] and any(p.ndim != 2 for p in g["params"]):
                 raise ValueError("Muon takes 2-D parameters only (matrices): put the others in a group with muon=False")
         self.momentum, self.nesterov, self.ns_steps, self.ns_dtype = momentum, nesterov, ns_steps, ns_dtype
+        self._step_supports_amp_scaling = bool(fused)  # found_inf as a device flag (never under a GradScaler: unfused)
         adam = [g for g in self.param_groups if not g["muon"]]
-        if fused is None:
-            fused = all(fusable(p) for g in adam for p in g["params"])
         # AdamW holds the same group dicts: a scheduler's lr reaches it
         self.adamw = torch.optim.AdamW(adam, lr=lr, betas=tuple(betas), fused=bool(fused)) if adam else None
 
@@ -78,6 +83,12 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else found_inf == 0  # a device flag: no host sync
+
+        def assign(dst, new):
+            dst.copy_(new if keep is None else torch.where(keep, new, dst))
+
         for group in self.param_groups:
             if not group["muon"]:
                 continue
@@ -86,16 +97,17 @@ class MuonAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buf.lerp_(p.grad, 1 - self.momentum)
-                update = p.grad.lerp(buf, self.momentum) if self.nesterov else buf
+                new_buf = buf.lerp(p.grad, 1 - self.momentum)
+                update = p.grad.lerp(new_buf, self.momentum) if self.nesterov else new_buf
+                assign(buf, new_buf)
                 by_shape.setdefault(tuple(p.shape), []).append((p, update))
             for shape, items in by_shape.items():
                 ortho = orthogonalize(torch.stack([u for _, u in items]), self.ns_steps, dtype=self.ns_dtype)
                 scale = 0.2 * math.sqrt(max(shape))  # match_rms_adamw
                 for (p, _), o in zip(items, ortho):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o, alpha=-group["lr"] * scale)
+                    assign(p, (p * (1 - group["lr"] * group["weight_decay"])).add_(o, alpha=-group["lr"] * scale))
         if self.adamw is not None:
+            self.adamw.found_inf = found_inf
             self.adamw.step()
         return loss
 
