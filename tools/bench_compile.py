@@ -4,7 +4,7 @@
     python tools/bench_compile.py --steps 40 -- model.dit.dim=256
 
 Both sides are ``tools/bench_overhead.py``'s bare loop (the config's data module and model,
-pre-loaded batches, ``training_step`` + backward + AdamW), built from the same config and seed in
+pre-loaded batches, ``training_step`` + backward + the module's optimizer), built from the same config and seed in
 one process: eager first, then with ``model.compile=true``. Cold start: the compiled run's first
 step minus the eager run's first step (graph capture and code generation of every block kind).
 Speed-up: eager median step / compiled median step after ``warmup`` steps. Graphs: the number of

@@ -9,7 +9,8 @@ VAEs unless overridden; extra overrides after ``--``):
 * **bare**: the data module and the model built from that config; ``warmup + steps`` batches
   pre-loaded from the train loader (then transferred and normalised as the trainer does); per
   step ``training_step`` (its ``self.log`` calls made no-ops), ``backward``, the config's gradient
-  clipping, AdamW and its schedule, ``zero_grad``; nothing else.
+  clipping, the module's optimizer (``configure_optimizers``: AdamW, or Muon + AdamW in the quickstart) and
+  its schedule, ``zero_grad``; nothing else.
 * **sora-train**: the real CLI in a subprocess with ``trainer.max_steps = warmup + steps``,
   validation and periodic checkpoints outside the window, and a :class:`StepClock` callback that
   stamps the wall clock at every ``on_train_batch_end``: the intervals hold everything between two
