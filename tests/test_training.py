@@ -226,7 +226,9 @@ def test_dit_optimizer_muon_on_one_device_or_ddp_and_adamw_where_matrices_are_sh
         assert isinstance(opt, MuonAdamW) and opt.param_groups[0]["muon"] and opt.param_groups[0]["lr"] == 0.02
         assert all(n.startswith("dit.blocks.") for n, p in module.named_parameters()
                    if any(p is q for q in opt.param_groups[0]["params"]))
-    for cls in (DeepSpeedStrategy, FSDPStrategy):  # the documented `strategy=` commands keep working, said once
+    from sora.training.strategies import FSDP2, DeepSpeed
+
+    for cls in (DeepSpeed, FSDP2, DeepSpeedStrategy, FSDPStrategy):  # documented `strategy=` commands keep working
         module._trainer = SimpleNamespace(strategy=cls.__new__(cls), max_steps=10)
         caplog.clear()
         assert type(module.configure_optimizers()["optimizer"]) is torch.optim.AdamW
