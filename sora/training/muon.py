@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from sora.training.optim import fusable, scheduled
+from sora.training.optim import decay_groups, fusable, scheduled
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's quintic)
 
@@ -149,7 +149,6 @@ def muon_with_schedule(named_parameters, lr: float, muon_lr: float, weight_decay
     if not muon:
         raise ValueError(f"optimizer=muon: no matrices named {prefix}* to give Muon")
     groups = [{"params": muon, "muon": True, "lr": muon_lr, "weight_decay": weight_decay}]
-    groups += [g for g in ({"params": [p for p in adam if p.ndim >= 2], "weight_decay": weight_decay},
-                           {"params": [p for p in adam if p.ndim < 2], "weight_decay": 0.0}) if g["params"]]
+    groups += decay_groups(adam, weight_decay)
     return scheduled(MuonAdamW(groups, lr=lr, betas=betas, fused=fused), warmup_steps, total_steps, schedule,
                      min_lr_ratio)

@@ -50,18 +50,21 @@ def adamw_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, weight_
     """
     params = list(params)
     given = params if params and isinstance(params[0], dict) else [{"params": params}]
-    groups = []
-    for g in given:
-        ps = [p for p in g["params"] if p.requires_grad]
-        for keep, wd in ((lambda p: p.ndim >= 2, weight_decay), (lambda p: p.ndim < 2, 0.0)):
-            groups.append({"params": [p for p in ps if keep(p)], "weight_decay": wd, "lr": g.get("lr", lr)})
-    groups = [g for g in groups if g["params"]]
+    groups = [d for g in given for d in decay_groups(g["params"], weight_decay, lr=g.get("lr", lr))]
     if not groups:
         raise ValueError("no trainable parameters")
     if fused is None:
         fused = all(fusable(p) for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused))
     return scheduled(optimizer, warmup_steps, total_steps, schedule, min_lr_ratio)
+
+
+def decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float, **extra) -> list[dict]:
+    """The trainable ``params`` as param groups: matrices with ``weight_decay``, one-dimensional ones (norm gains,
+    biases) without; ``extra`` keys in both; empty groups left out."""
+    ps = [p for p in params if p.requires_grad]
+    return [g for g in ({"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+                        {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, **extra}) if g["params"]]
 
 
 def scheduled(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int | None = None,
